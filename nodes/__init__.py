@@ -1,0 +1,27 @@
+"""ComfyUI adapters over the ``safecfg`` core: the pack's nodes and its V3 entrypoint."""
+
+from __future__ import annotations
+
+import os
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .guidance_nodes import HGRSafeCFGGuider, HGRSafeCFGPatch
+from .hgr_nodes import HGRConceptRedirector, HGRLoader, register_folder
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NODES: list[type[io.ComfyNode]] = [HGRLoader, HGRConceptRedirector, HGRSafeCFGGuider, HGRSafeCFGPatch]
+
+
+class SafeCFGExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> SafeCFGExtension:
+    # ComfyExtension.on_load() is not called by ComfyUI 0.3.75: register model folders here.
+    register_folder(os.path.join(PACK_DIR, "weights", "hgr"))
+    return SafeCFGExtension()

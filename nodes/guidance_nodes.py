@@ -1,0 +1,81 @@
+"""Nodes that put an HGR into sampling: the SafeCFG guider and the KSampler model patch."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .hgr_type import HGRHandle, HGRType
+from .sampling import SafeCFGGuider, patch_model
+
+CATEGORY = "SafeCFG"
+
+STRENGTH_TIP = ("How far harmful guidance is redirected: 0 = plain CFG (bit-identical), 1 = fully redirected. "
+                "Recommended 0.8-1.0. Clean prompts are left untouched at any strength.")
+START_TIP = ("Fraction of the schedule at which SafeCFG starts acting (0 = first step). Neutral 0.0. Harmful "
+             "content is decided early, so keep it at 0.0-0.1.")
+END_TIP = ("Fraction of the schedule at which SafeCFG stops acting (1 = last step). Neutral 1.0. 0.5-1.0 is "
+           "typical; a window that contains no step gives plain CFG.")
+HGR_TIP = "The redirector: a learned HGR (HGRLoader) or a concept redirector (HGRConceptRedirector)."
+
+
+def window_inputs() -> list:
+    return [
+        io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=STRENGTH_TIP),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=START_TIP),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=END_TIP),
+    ]
+
+
+class HGRSafeCFGGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HGRSafeCFGGuider",
+            display_name="SafeCFG Guider",
+            category=CATEGORY,
+            description=("Classifier-free guidance with harmful directions redirected by an HGR, for "
+                         "SamplerCustomAdvanced. Clean prompts give the same image as CFGGuider."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to sample."),
+                io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative (unconditional) conditioning."),
+                HGRType.Input("hgr", tooltip=HGR_TIP),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance scale, as in CFGGuider. Typical 4-8; at 1.0 the negative is still "
+                                       "evaluated while SafeCFG is active so redirection keeps working."),
+                *window_inputs(),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, hgr: HGRHandle, cfg, strength, start_percent,
+                end_percent) -> io.NodeOutput:
+        hgr.check_model(model, "HGRSafeCFGGuider")
+        guider = SafeCFGGuider(model, hgr, strength, start_percent, end_percent)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+class HGRSafeCFGPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HGRSafeCFGPatch",
+            display_name="SafeCFG Model Patch",
+            category=CATEGORY,
+            description=("Makes any sampler (the stock KSampler included) use SafeCFG. Stacks with other "
+                         "pre-/post-CFG nodes such as RescaleCFG."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch."),
+                HGRType.Input("hgr", tooltip=HGR_TIP),
+                *window_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model; sample it with KSampler as usual.")],
+        )
+
+    @classmethod
+    def execute(cls, model, hgr: HGRHandle, strength, start_percent, end_percent) -> io.NodeOutput:
+        hgr.check_model(model, "HGRSafeCFGPatch")
+        return io.NodeOutput(patch_model(model, hgr, strength, start_percent, end_percent))

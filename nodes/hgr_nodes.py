@@ -1,0 +1,122 @@
+"""Nodes that make an HGR: load a learned one from a file, or build a concept redirector from text."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..safecfg.hgr_file import HGRFileError, load_hgr
+from ..safecfg.redirect import ConceptRedirector
+from .hgr_type import HGRHandle, HGRType
+
+CATEGORY = "SafeCFG"
+FOLDER = "hgr"
+
+DEFAULT_CONCEPTS = """sexual: nudity, naked body, explicit sexual content
+violence: blood, gore, bloody wounds, violence
+self-harm: self-harm, suicide, cutting
+hate: hateful symbols, harassment, degrading caricature"""
+
+
+def register_folder(pack_weights: str) -> None:
+    """``models/hgr/`` (the user's HGR files) and the pack's bundled ``weights/hgr/``."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    folder_paths.add_model_folder_path(FOLDER, pack_weights)
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
+
+
+def parse_concepts(text: str, node: str = "HGRConceptRedirector") -> tuple[list[str], list[str]]:
+    """One concept per non-empty line, optionally ``category: text``. Returns (categories, texts)."""
+    cats, texts = [], []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        cat, sep, body = line.partition(":")
+        if sep and body.strip() and " " not in cat.strip():
+            cats.append(cat.strip())
+            texts.append(body.strip())
+        else:
+            cats.append(f"concept {len(texts) + 1}")
+            texts.append(line)
+    if not texts:
+        raise ValueError(f"{node}: 'concepts' is empty. Write one harmful concept per line, e.g. "
+                         "'violence: blood, gore'.")
+    return cats, texts
+
+
+class HGRLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HGRLoader",
+            display_name="Load HGR",
+            category=CATEGORY,
+            description="Loads a learned Harmful Guidance Redirector (.safetensors) from models/hgr/.",
+            inputs=[
+                io.Combo.Input("hgr_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="An HGR file in ComfyUI/models/hgr/ (or bundled with the pack). It must "
+                                       "have been trained for the model family you sample with."),
+            ],
+            outputs=[HGRType.Output(display_name="HGR", tooltip="Connect to the SafeCFG guider, patch or detector.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, hgr_name):
+        path = folder_paths.get_full_path(FOLDER, hgr_name)
+        return os.path.getmtime(path) if path and os.path.exists(path) else ""
+
+    @classmethod
+    def execute(cls, hgr_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FOLDER, hgr_name)
+        if path is None:
+            raise ValueError(f"HGRLoader: HGR file '{hgr_name}' was not found in {folder_paths.get_folder_paths(FOLDER)}."
+                             " Put HGR .safetensors files in ComfyUI/models/hgr/ and refresh.")
+        try:
+            hgr = load_hgr(path)
+        except HGRFileError as e:
+            raise ValueError(f"HGRLoader: {e}") from None
+        return io.NodeOutput(HGRHandle(hgr, name=hgr_name, latent_format=hgr.latent_format,
+                                       latent_channels=hgr.config.latent_channels, categories=hgr.categories))
+
+
+class HGRConceptRedirector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HGRConceptRedirector",
+            display_name="SafeCFG Concept Redirector",
+            category=CATEGORY,
+            description=("Training-free redirector for any CFG model: harmful concepts written as text. Each "
+                         "concept adds one row to the sampler's batched model call."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder of the model you sample with."),
+                io.String.Input("concepts", multiline=True, default=DEFAULT_CONCEPTS,
+                                tooltip="One harmful concept per line, optionally 'category: words'. Each line costs "
+                                        "one extra batch row per step; group synonyms on one line."),
+                io.Float.Input("threshold", default=0.2, min=-1.0, max=1.0, step=0.01,
+                               tooltip="Cosine between the guidance and a concept direction above which "
+                                       "redirection starts. Lower = stricter (more false positives on clean "
+                                       "prompts). Recommended 0.1-0.3."),
+                io.Float.Input("push", default=0.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Extra push away from a matched concept, beyond removing it. Neutral 0.0; "
+                                       "0.0-0.5 recommended."),
+                io.Combo.Input("mode", options=["global", "patch"], default="global",
+                               tooltip="global: one decision per image. patch: per 4x4-latent region, for harmful "
+                                       "objects in part of the image."),
+            ],
+            outputs=[HGRType.Output(display_name="HGR", tooltip="Connect to the SafeCFG guider, patch or detector.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, concepts, threshold, push, mode) -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("HGRConceptRedirector: no CLIP connected. Connect the checkpoint's CLIP output; "
+                             "a checkpoint without a text encoder cannot give concept directions.")
+        cats, texts = parse_concepts(concepts)
+        conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in texts]
+        red = ConceptRedirector(len(texts), tau=threshold, push=push, patch=4 if mode == "patch" else 0, names=texts)
+        return io.NodeOutput(HGRHandle(red, name=f"concepts ({len(texts)})", concept_conds=conds, categories=cats))

@@ -1,0 +1,42 @@
+"""The ``HGR`` wire type: a redirector plus what the sampler needs to drive it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from comfy_api.latest import io
+
+from ..safecfg.redirect import Redirector
+
+HGRType = io.Custom("HGR")
+
+
+@dataclass
+class HGRHandle:
+    """What travels along an ``HGR`` wire. Nodes never mutate a handle they receive.
+
+    ``concept_conds`` holds one ComfyUI conditioning per harmful concept; the sampler evaluates them
+    in the same batched model call as positive/negative. ``latent_format``/``latent_channels`` are
+    the model family a learned HGR was trained for (empty for the concept redirector, which works
+    with any CFG model).
+    """
+
+    redirector: Redirector
+    name: str
+    latent_format: str = ""
+    latent_channels: int | None = None
+    concept_conds: list = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+
+    def check_model(self, model_patcher, node: str) -> None:
+        """Fail early, naming the node, if this HGR cannot drive ``model_patcher``."""
+        lf = model_patcher.model.latent_format
+        fam, ch = type(lf).__name__, int(getattr(lf, "latent_channels", 4))
+        if self.latent_channels is not None and self.latent_channels != ch:
+            raise ValueError(f"{node}: HGR '{self.name}' works on {self.latent_channels}-channel latents but the "
+                             f"model has {ch}-channel latents ({fam}). Load an HGR trained for this model family, "
+                             "train one with HGRTrain, or use HGRConceptRedirector, which works with any model.")
+        if self.latent_format and self.latent_format != fam:
+            raise ValueError(f"{node}: HGR '{self.name}' was trained for the {self.latent_format} latent family but "
+                             f"the model is {fam}. Load an HGR trained for this model family, train one with "
+                             "HGRTrain, or use HGRConceptRedirector, which works with any model.")

@@ -1,0 +1,156 @@
+"""SafeCFG inside ComfyUI's sampler: the guider (SamplerCustomAdvanced) and the model patch (KSampler).
+
+Both redirect the guidance ``g = D_c - D_u`` by replacing the conditional prediction with
+``D_c + s * (R(g) - g)``; ComfyUI's own ``cfg_function`` then forms ``D_u + w * R_s(g)`` and runs the
+post-CFG hooks, so everything outside the redirection is core ComfyUI, and strength 0 or a step
+outside the window is bit-identical to plain CFG.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import torch
+
+import comfy.samplers
+from comfy.sampler_helpers import convert_cond
+import comfy.patcher_extension
+import node_helpers
+
+from .hgr_type import HGRHandle
+
+log = logging.getLogger("SafeCFG")
+CONCEPT_KEY = "safecfg_concept_{}"
+
+
+class Window:
+    """The part of the schedule where SafeCFG acts, mirroring core's timestep ranges:
+    active when ``sigma_end <= sigma <= sigma_start`` (and ``start_percent < end_percent``)."""
+
+    def __init__(self, model_patcher, strength: float, start_percent: float, end_percent: float):
+        ms = model_patcher.get_model_object("model_sampling")
+        self.strength = float(strength)
+        self.sigma_start = float(ms.percent_to_sigma(start_percent))
+        self.sigma_end = float(ms.percent_to_sigma(end_percent))
+        self.empty = self.strength == 0.0 or start_percent >= end_percent
+
+    def active(self, sigma) -> bool:
+        if self.empty:
+            return False
+        s = float(sigma.flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
+        return self.sigma_end <= s <= self.sigma_start
+
+
+def redirect_cond(handle: HGRHandle, strength: float, cond: torch.Tensor, uncond: torch.Tensor, sigma,
+                  concept_preds=None):
+    """The conditional prediction whose CFG direction is ``R_s(g)``, and the per-sample HED."""
+    g = cond - uncond
+    r = handle.redirector.redirect(g, sigma, uncond=uncond, concept_preds=concept_preds)
+    return cond + (r.g_red - g) * strength, r.hed
+
+
+def _calc(model, conds, x, timestep, model_options):
+    fn = model_options.get("sampler_calc_cond_batch_function")
+    if fn is not None:
+        return fn({"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options})
+    return comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
+
+
+class SafeCFGGuider(comfy.samplers.CFGGuider):
+    """CFGGuider whose guidance passes through an HGR. Positive, negative and every concept
+    conditioning go through the model in one batched call."""
+
+    def __init__(self, model_patcher, handle: HGRHandle, strength: float, start_percent: float, end_percent: float):
+        super().__init__(model_patcher)
+        self.handle = handle
+        self.window = Window(model_patcher, strength, start_percent, end_percent)
+        self.hed_trace: list[tuple[float, torch.Tensor]] = []
+
+    def set_conds(self, positive, negative):
+        conds = {"positive": positive, "negative": negative}
+        for i, c in enumerate(self.handle.concept_conds):
+            conds[CONCEPT_KEY.format(i)] = node_helpers.conditioning_set_values(c, {"prompt_type": "positive"})
+        self.inner_set_conds(conds)
+
+    def sample(self, *args, **kwargs):
+        self.hed_trace = []
+        return super().sample(*args, **kwargs)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        positive = self.conds.get("positive", None)
+        negative = self.conds.get("negative", None)
+        if not self.window.active(timestep):
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, positive, self.cfg,
+                                                    model_options=model_options, seed=seed)
+        n_concepts = self.handle.redirector.num_concepts
+        concepts = [self.conds.get(CONCEPT_KEY.format(i)) for i in range(n_concepts)]
+        out = _calc(self.inner_model, [positive, negative] + concepts, x, timestep, model_options)
+        base_conds, base_out, concept_preds = [positive, negative], list(out[:2]), list(out[2:])
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": base_conds, "conds_out": base_out, "cond_scale": self.cfg, "timestep": timestep,
+                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            base_out = fn(args)
+        cond_pred, uncond_pred = base_out[0], base_out[1]
+        cond_pred, e = redirect_cond(self.handle, self.window.strength, cond_pred, uncond_pred, timestep,
+                                     concept_preds or None)
+        self.hed_trace.append((float(timestep.flatten()[0]), e.detach().cpu()))
+        return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
+                                           model_options=model_options, cond=positive, uncond=negative)
+
+
+def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent: float, end_percent: float):
+    """A clone of ``model_patcher`` whose CFG goes through ``handle`` in any sampler (KSampler included).
+
+    Built on the stacking pre-CFG hook list, so it composes with other guidance nodes. Concept
+    conditionings join cond/uncond's batched model call through a CALC_COND_BATCH wrapper.
+    Per-run state lives in a ``model_options`` sub-dict, which ComfyUI copies fresh for every run.
+    """
+    m = model_patcher.clone()
+    window = Window(m, strength, start_percent, end_percent)
+    if window.empty:
+        return m
+    key = f"safecfg_patch_{uuid.uuid4().hex[:12]}"
+    m.model_options[key] = {}
+    concept_conds = [convert_cond(c) for c in handle.concept_conds]
+
+    def encoded_concepts(model, x, state):
+        if state.get("enc_shape") != tuple(x.shape) or state.get("enc_device") != x.device:
+            enc = []
+            for c in concept_conds:
+                c = [dict(d, prompt_type="positive") for d in c]
+                enc.append(comfy.samplers.encode_model_conds(model.extra_conds, c, x, x.device, "positive"))
+            state.update(enc=enc, enc_shape=tuple(x.shape), enc_device=x.device)
+        return state["enc"]
+
+    def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
+        state = model_options.get(key)
+        if (state is None or not concept_conds or len(conds) != 2 or conds[1] is None
+                or not window.active(timestep)):
+            return executor(model, conds, x_in, timestep, model_options)
+        out = executor(model, list(conds) + encoded_concepts(model, x_in, state), x_in, timestep, model_options)
+        state["concept_out"] = (x_in, out[2:])
+        return out[:2]
+
+    def pre_cfg(args):
+        out, conds, sigma = args["conds_out"], args["conds"], args["sigma"]
+        if len(out) < 2 or len(conds) < 2 or conds[1] is None or not window.active(sigma):
+            return out
+        concept_preds = None
+        if concept_conds:
+            state = args["model_options"].setdefault(key, {})
+            got = state.pop("concept_out", None)
+            if got is not None and got[0] is args["input"]:
+                concept_preds = list(got[1])
+            else:  # another guider made the batched call: evaluate the concepts here instead
+                model = args["model"]
+                concept_preds = comfy.samplers.calc_cond_batch(
+                    model, encoded_concepts(model, args["input"], state), args["input"], sigma, args["model_options"])
+        cond, e = redirect_cond(handle, window.strength, out[0], out[1], sigma, concept_preds)
+        return [cond, out[1]] + list(out[2:])
+
+    m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)
+    if concept_conds:
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)
+    return m
+

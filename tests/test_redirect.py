@@ -1,0 +1,109 @@
+"""Tensor-level tests of the redirection math (no ComfyUI)."""
+
+import pytest
+import torch
+
+from safecfg.hgr_net import HGRConfig, HGRNet, LearnedHGR
+from safecfg.redirect import ConceptRedirector, blend, concept_redirect, hed
+
+
+def _orth_pair(shape=(2, 4, 8, 8), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(shape, generator=gen)
+    o = torch.randn(shape, generator=gen)
+    # make o orthogonal to h per sample
+    hf, of = h.flatten(1), o.flatten(1)
+    of = of - (of * hf).sum(1, keepdim=True) / (hf * hf).sum(1, keepdim=True) * hf
+    return h, of.view(shape)
+
+
+@pytest.mark.parametrize("strength", [0.25, 0.5, 1.0])
+def test_concept_removes_stated_share_and_keeps_orthogonal(strength):
+    h, o = _orth_pair()
+    g = 3.0 * h + 0.5 * o  # strongly aligned with h (cos ~ 0.99)
+    uncond = torch.randn_like(g)
+    red = ConceptRedirector(1, tau=0.2, ramp=0.1)
+    r = red.redirect(g, torch.tensor([5.0, 5.0]), uncond=uncond, concept_preds=[uncond + h])
+    g_s = blend(g, r.g_red, strength)
+    expected = (1 - strength) * 3.0 * h + 0.5 * o
+    torch.testing.assert_close(g_s, expected, rtol=1e-4, atol=1e-4)
+    # the orthogonal component is untouched
+    of = o.flatten(1)
+    comp = (g_s.flatten(1) * of).sum(1) / (of * of).sum(1)
+    torch.testing.assert_close(comp, torch.full((2,), 0.5), rtol=1e-5, atol=1e-5)
+    assert torch.all(r.hed > 0.9)
+
+
+def test_concept_below_threshold_is_bit_identical():
+    h, o = _orth_pair(seed=1)
+    g = 0.05 * h + 2.0 * o  # cos ~ 0.025 < tau
+    out = concept_redirect(g, [h], tau=0.2, ramp=0.1)
+    assert torch.equal(out, g)
+    assert torch.equal(blend(g, out, 1.0), g)
+    assert torch.all(hed(g, out) == 0)
+
+
+def test_concept_per_sample_independent():
+    h, o = _orth_pair(shape=(3, 4, 8, 8), seed=2)
+    g = torch.stack([3 * h[0] + o[0], 0.01 * h[1] + o[1], -2 * h[2] + o[2]])
+    out = concept_redirect(g, [h], tau=0.2)
+    torch.testing.assert_close(out[0], o[0], atol=1e-4, rtol=1e-4)  # aligned: removed
+    assert torch.equal(out[1], g[1])  # not aligned: untouched
+    assert torch.equal(out[2], g[2])  # anti-aligned (moving away from concept): untouched
+
+
+def test_near_duplicate_concepts_do_not_double_remove():
+    h, o = _orth_pair(seed=3)
+    g = 2 * h + o
+    once = concept_redirect(g, [h], tau=0.2)
+    twice = concept_redirect(g, [h, h * 1.5], tau=0.2)
+    torch.testing.assert_close(once, twice, atol=1e-4, rtol=1e-4)
+
+
+def test_patch_mode_acts_locally():
+    h, o = _orth_pair(shape=(1, 4, 8, 8), seed=4)
+    h = h.clone()
+    h[..., 4:, :] = 0  # the concept lives in the top half only
+    g = o.clone()
+    g[..., :4, :] += 5 * h[..., :4, :]
+    out = concept_redirect(g, [h], tau=0.2, patch=4)
+    torch.testing.assert_close(out[..., :4, :], o[..., :4, :] - (o[..., :4, :] * 0), atol=2.0, rtol=0)
+    assert torch.equal(out[..., 4:, :], g[..., 4:, :])  # the bottom half is untouched
+    assert (out[..., :4, :] - g[..., :4, :]).abs().sum() > 1.0
+
+
+def test_untrained_hgr_is_identity_and_trained_is_not():
+    torch.manual_seed(0)
+    net = HGRNet(HGRConfig(width=16, mults=[1, 2], embed_dim=16))
+    hgr = LearnedHGR(net)
+    g = torch.randn(2, 4, 7, 9)  # odd sizes work
+    u = torch.randn(2, 4, 7, 9)
+    r = hgr.redirect(g, torch.tensor([2.0, 2.0]), uncond=u)
+    assert torch.equal(r.g_red, g) and torch.all(r.hed == 0)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    r = hgr.redirect(g, torch.tensor([2.0, 2.0]), uncond=u)
+    assert r.g_red.shape == g.shape and not torch.equal(r.g_red, g) and torch.all(r.hed > 0)
+
+
+def test_nonfinite_redirection_falls_back_to_plain(caplog):
+    net = HGRNet(HGRConfig(width=16, mults=[1], embed_dim=16))
+    with torch.no_grad():
+        net.conv_out.bias.fill_(float("nan"))
+    hgr = LearnedHGR(net)
+    g = torch.randn(2, 4, 8, 8)
+    r = hgr.redirect(g, torch.tensor([1.0, 1.0]), uncond=torch.randn_like(g))
+    assert torch.equal(r.g_red, g)
+    assert "non-finite" in caplog.text
+
+
+def test_zero_guidance_is_finite():
+    g = torch.zeros(2, 4, 8, 8)
+    h = torch.randn_like(g)
+    out = concept_redirect(g, [h])
+    assert torch.isfinite(out).all() and torch.isfinite(hed(g, out)).all()
+
+
+def test_config_limits_reject_hostile_values():
+    for bad in [dict(width=10**6), dict(mults=[1] * 50), dict(latent_channels=0), dict(blocks=True)]:
+        with pytest.raises(ValueError):
+            HGRConfig(**bad).validate()
