@@ -75,11 +75,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         if len(head) < 8:
             raise _fail(path, f"the file is {size} bytes, too short for a safetensors header",
                         "The file is truncated or empty; download or train it again")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        (n,) = struct.unpack("<Q", head)
+        looks_pickled = head[:4] == b"PK\x03\x04" or (head[0] == 0x80 and 2 <= head[1] <= 5)
+        if looks_pickled and (n > MAX_HEADER_BYTES or 8 + n > size or f.read(1) != b"{"):
             raise _fail(path, "this is a PyTorch pickle/zip checkpoint, not safetensors",
                         "Only .safetensors HGR files are accepted (pickles can run code); "
                         "re-save it with safetensors")
-        (n,) = struct.unpack("<Q", head)
+        f.seek(8)
         if n > MAX_HEADER_BYTES:
             raise _fail(path, f"header length {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit",
                         "The file is corrupt or not an HGR file")

@@ -112,14 +112,15 @@ def _expand_regions(r: torch.Tensor, like: torch.Tensor, patch: int) -> torch.Te
 
 
 def concept_gates(g: torch.Tensor, h: torch.Tensor, tau: float, ramp: float, patch: int = 0):
-    """Cosine of ``g`` to ``h`` per region, the gate rising 0 -> 1 from ``tau`` to ``tau + ramp``,
+    """Cosine of ``g`` to ``h`` per region, the gate rising 0 -> 1 from ``tau`` to ``min(tau + ramp, 1)``,
     and the projection coefficient ``<g,h>/<h,h>``."""
     g32, h32 = g.float(), h.float()
     dot = _region_sum(g32 * h32, patch)
     hh = _region_sum(h32 * h32, patch)
     gg = _region_sum(g32 * g32, patch)
     cos = dot / (gg.sqrt() * hh.sqrt() + 1e-12)
-    gate = ((cos - tau) / max(ramp, 1e-6)).clamp(0.0, 1.0)
+    # the ramp never reaches past cos = 1, so a perfectly aligned direction is always fully gated
+    gate = ((cos - tau) / max(min(ramp, 1.0 - tau), 1e-6)).clamp(0.0, 1.0)
     coef = dot / (hh + 1e-12)
     return cos, gate, coef
 

@@ -1,0 +1,347 @@
+"""SafeCFG guider and KSampler patch on the real ComfyUI runtime with tiny seeded models."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import comfy.sample
+import comfy.samplers
+import folder_paths
+import nodes
+from support import runtime
+
+STEPS = 4
+
+
+def pack_mod(sub: str):
+    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
+
+
+def encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def node_out(node_id, **kw):
+    """Run a node's execute (V3) or function (V1) and return its outputs tuple."""
+    cls = runtime.get_node(node_id)
+    if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
+        return tuple(cls.execute(**kw).result)
+    obj = cls()
+    return getattr(obj, cls.FUNCTION)(**kw)
+
+
+def latent(batch=1, side=8, seed=0):
+    return {"samples": torch.zeros(batch, 4, side, side)}
+
+
+def sample_guider(guider, model, lat, seed=0, steps=STEPS):
+    sampler = comfy.samplers.sampler_object("euler")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    noise = comfy.sample.prepare_noise(lat["samples"], seed)
+    return guider.sample(noise, lat["samples"], sampler, sigmas, disable_pbar=True, seed=seed)
+
+
+def ksample(model, pos, neg, cfg=5.0, lat=None, seed=0, steps=STEPS):
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", pos, neg, lat or latent())[0]["samples"]
+
+
+def core_guider(model, pos, neg, cfg):
+    (g,) = node_out("CFGGuider", model=model, positive=pos, negative=neg, cfg=cfg)
+    return g
+
+
+def safe_guider(model, pos, neg, hgr, cfg=5.0, strength=1.0, start=0.0, end=1.0):
+    (g,) = node_out("HGRSafeCFGGuider", model=model, positive=pos, negative=neg, hgr=hgr, cfg=cfg,
+                    strength=strength, start_percent=start, end_percent=end)
+    return g
+
+
+def safe_patch(model, hgr, strength=1.0, start=0.0, end=1.0):
+    (m,) = node_out("HGRSafeCFGPatch", model=model, hgr=hgr, strength=strength, start_percent=start, end_percent=end)
+    return m
+
+
+def concept(clip, text, threshold=-1.0, push=0.0, mode="global"):
+    (h,) = node_out("HGRConceptRedirector", clip=clip, concepts=text, threshold=threshold, push=push, mode=mode)
+    return h
+
+
+@pytest.fixture(scope="module")
+def hgr_dir(tmp_path_factory):
+    """Two HGR files in a folder registered as models/hgr: an untrained (identity) and a random one."""
+    hgr_net, hgr_file = pack_mod("safecfg.hgr_net"), pack_mod("safecfg.hgr_file")
+    d = tmp_path_factory.mktemp("hgr")
+    torch.manual_seed(0)
+    cfg = hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16)
+    hgr_file.save_hgr(d / "identity.safetensors", hgr_net.LearnedHGR(hgr_net.HGRNet(cfg), latent_format="SD15"))
+    net = hgr_net.HGRNet(cfg)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    hgr_file.save_hgr(d / "random.safetensors", hgr_net.LearnedHGR(net, latent_format="SD15"))
+    hgr_file.save_hgr(d / "random_sdxl.safetensors", hgr_net.LearnedHGR(net, latent_format="SDXL"))
+    folder_paths.add_model_folder_path("hgr", str(d))
+    return d
+
+
+def load(name):
+    (h,) = node_out("HGRLoader", hgr_name=name)
+    return h
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pack_registers_nodes_with_tooltips(pack):
+    expected = {"HGRLoader", "HGRConceptRedirector", "HGRSafeCFGGuider", "HGRSafeCFGPatch"}
+    assert expected <= set(pack)
+    for nid in expected:
+        schema = runtime.get_node(nid).GET_SCHEMA()
+        for inp in schema.inputs:
+            assert inp.tooltip and len(inp.tooltip) > 20, f"{nid}.{inp.id} has no useful tooltip"
+
+
+@pytest.mark.parametrize("variant", ["strength0", "empty_window", "late_window", "identity"])
+def test_guider_bit_identical_to_core_when_neutral(sd15, hgr_dir, variant):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red cat"), encode(clip, "blurry")
+    hgr = load("identity.safetensors") if variant == "identity" else concept(clip, "a red cat")
+    kw = {"strength0": dict(strength=0.0), "empty_window": dict(start=0.6, end=0.6),
+          "late_window": dict(start=1.0, end=1.0), "identity": {}}[variant]
+    ref = sample_guider(core_guider(model, pos, neg, 5.0), model, latent())
+    out = sample_guider(safe_guider(model, pos, neg, hgr, **kw), model, latent())
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("variant", ["strength0", "empty_window", "identity"])
+def test_patch_bit_identical_to_ksampler_when_neutral(sd15, hgr_dir, variant):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red cat"), encode(clip, "blurry")
+    hgr = load("identity.safetensors") if variant == "identity" else concept(clip, "a red cat")
+    kw = {"strength0": dict(strength=0.0), "empty_window": dict(start=0.5, end=0.2), "identity": {}}[variant]
+    ref = ksample(model, pos, neg)
+    out = ksample(safe_patch(model, hgr, **kw), pos, neg)
+    assert torch.equal(ref, out)
+
+
+def test_redirection_changes_harmful_output(sd15, hgr_dir):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red cat"), encode(clip, "blurry")
+    ref = ksample(model, pos, neg)
+    assert not torch.equal(ref, ksample(safe_patch(model, concept(clip, "a red cat")), pos, neg))
+    assert not torch.equal(ref, ksample(safe_patch(model, load("random.safetensors")), pos, neg))
+    g_out = sample_guider(safe_guider(model, pos, neg, load("random.safetensors")), model, latent())
+    assert torch.isfinite(g_out).all()
+
+
+class Recorder:
+    """A post-CFG hook that, at every step, recomputes g and the concept direction h at the same x and
+    sigma in a separate model call, and records them with the direction the sampler actually used."""
+
+    def __init__(self, pos, neg, concept_cond):
+        self.conds = [comfy.sampler_helpers.convert_cond(c) for c in (pos, neg, concept_cond)]
+        self.steps = []
+
+    def __call__(self, args):
+        model, x, sigma = args["model"], args["input"], args["sigma"]
+        enc = [comfy.samplers.encode_model_conds(model.extra_conds, c, x, x.device, "positive") for c in self.conds]
+        d_pos, d_neg, d_c = comfy.samplers.calc_cond_batch(model, enc, x, sigma, {})
+        self.steps.append(dict(g=d_pos - d_neg, h=d_c - d_neg, used=args["cond_denoised"] - args["uncond_denoised"]))
+        return args["denoised"]
+
+    def install(self, model):
+        """Register on ``model`` through a closure: ModelPatcher.clone() deep-copies callable objects."""
+        model.set_model_sampler_post_cfg_function(lambda args: self(args))
+        return model
+
+
+def _proj(g, h):
+    gf, hf = g.flatten(1), h.flatten(1)
+    return ((gf * hf).sum(1) / (hf * hf).sum(1)).view(-1, 1, 1, 1) * h
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_concept_patch_removes_stated_share_end_to_end(sd15, strength):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red cat on grass"), encode(clip, "")
+    concept_cond = encode(clip, "a red cat")
+    patched = safe_patch(model, concept(clip, "a red cat"), strength=strength)
+    rec = Recorder(pos, neg, concept_cond)
+    rec.install(patched)
+    ksample(patched, pos, neg)
+    assert len(rec.steps) == STEPS
+    for st in rec.steps:
+        g, h, used = st["g"], st["h"], st["used"]
+        par = _proj(g, h)
+        expected = g - strength * par
+        torch.testing.assert_close(used, expected, rtol=1e-3, atol=1e-4)
+        # the component orthogonal to the concept direction is unchanged
+        torch.testing.assert_close(used - _proj(used, h), g - par, rtol=1e-3, atol=1e-4)
+
+
+def test_concept_equal_to_prompt_scales_guidance_in_guider(sd15):
+    """With the concept text equal to the prompt, h == g: strength s leaves (1 - s) of the guidance."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a knife"), encode(clip, "")
+    s = 0.75
+    rec = Recorder(pos, neg, pos)
+    m = model.clone()
+    rec.install(m)
+    sample_guider(safe_guider(m, pos, neg, concept(clip, "a knife"), strength=s), m, latent())
+    assert len(rec.steps) == STEPS
+    for st in rec.steps:
+        torch.testing.assert_close(st["used"], (1 - s) * st["g"], rtol=1e-3, atol=1e-4)
+
+
+def test_concept_conds_share_the_batched_model_call(sd15):
+    """Positive, negative and every concept go through the UNet in one call per step."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red cat"), encode(clip, "")
+    for make in ("guider", "patch"):
+        calls = []
+        m = model.clone()
+        m.set_model_unet_function_wrapper(lambda f, a: calls.append(a["input"].shape[0]) or f(a["input"], a["timestep"], **a["c"]))
+        h = concept(clip, "a red cat\nblood\nknife")
+        if make == "guider":
+            sample_guider(safe_guider(m, pos, neg, h), m, latent())
+        else:
+            ksample(safe_patch(m, h), pos, neg)
+        assert calls == [5] * STEPS, (make, calls)
+
+
+@pytest.mark.parametrize("make", ["guider", "patch"])
+def test_cfg_one(sd15, make):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a knife"), encode(clip, "")
+    h = concept(clip, "a knife")
+    if make == "guider":
+        ref = sample_guider(core_guider(model, pos, neg, 1.0), model, latent())
+        same = sample_guider(safe_guider(model, pos, neg, h, cfg=1.0, strength=0.0), model, latent())
+        red = sample_guider(safe_guider(model, pos, neg, h, cfg=1.0), model, latent())
+    else:
+        ref = ksample(model, pos, neg, cfg=1.0)
+        same = ksample(safe_patch(model, h, strength=0.0), pos, neg, cfg=1.0)
+        red = ksample(safe_patch(model, h), pos, neg, cfg=1.0)
+    assert torch.equal(ref, same)
+    assert torch.isfinite(red).all() and not torch.allclose(ref, red, atol=1e-3)
+    # at cfg 1 with the concept equal to the prompt, full strength removes all guidance: D = D_u
+    uncond_only = sample_guider(core_guider(model, neg, neg, 1.0), model, latent())
+    torch.testing.assert_close(red, uncond_only, rtol=1e-3, atol=1e-3)
+
+
+def test_batch_of_three_prompts_redirected_one_by_one(sd15):
+    model, clip, _ = sd15
+    texts = ["a green tree in a field", "a knife", "a blue house by the sea"]
+    encs = [encode(clip, t) for t in texts]
+    pos = [[torch.cat([e[0][0] for e in encs]), {"pooled_output": torch.cat([e[0][1]["pooled_output"] for e in encs])}]]
+    neg = encode(clip, "")
+    red = concept(clip, "a knife", threshold=0.95)
+    m = model.clone()
+    rec = Recorder(pos, neg, encode(clip, "a knife"))
+    rec.install(m)
+    out = ksample(safe_patch(m, red), pos, neg, lat=latent(batch=3))
+    plain = ksample(model, pos, neg, lat=latent(batch=3))
+    assert len(rec.steps) == STEPS
+    touched = torch.zeros(3, dtype=torch.bool)
+    for st in rec.steps:
+        g, h, used = st["g"], st["h"], st["used"]
+        cos = torch.nn.functional.cosine_similarity(g.flatten(1), h.flatten(1), dim=1)
+        assert cos[1] > 0.999  # the knife sample's guidance is the concept direction: removed entirely
+        torch.testing.assert_close(used[1], torch.zeros_like(used[1]), atol=1e-4, rtol=0)
+        for i in (0, 2):  # the others are judged on their own cosine
+            if cos[i] < 0.95:
+                torch.testing.assert_close(used[i], g[i], rtol=1e-4, atol=1e-5)
+            else:
+                touched[i] = True
+    assert not torch.allclose(out[1], plain[1])
+    for i in (0, 2):
+        if not touched[i]:
+            torch.testing.assert_close(out[i], plain[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["area", "mask"])
+def test_area_and_mask_conditionings(sd15, hgr_dir, kind):
+    model, clip, _ = sd15
+    base, neg = encode(clip, "a red cat"), encode(clip, "")
+    if kind == "area":
+        (pos,) = node_out("ConditioningSetArea", conditioning=base, width=32, height=32, x=0, y=0, strength=1.0)
+    else:
+        mask = torch.zeros(1, 64, 64)
+        mask[:, :32] = 1.0
+        (pos,) = node_out("ConditioningSetMask", conditioning=base, mask=mask, strength=1.0, set_cond_area="default")
+    (pos,) = node_out("ConditioningCombine", conditioning_1=pos, conditioning_2=encode(clip, "a garden"))
+    ref = ksample(model, pos, neg)
+    assert torch.equal(ref, ksample(safe_patch(model, load("identity.safetensors")), pos, neg))
+    ref_g = sample_guider(core_guider(model, pos, neg, 5.0), model, latent())
+    assert torch.equal(ref_g, sample_guider(safe_guider(model, pos, neg, load("identity.safetensors")), model, latent()))
+    red = ksample(safe_patch(model, concept(clip, "a red cat")), pos, neg)
+    assert torch.isfinite(red).all() and not torch.equal(red, ref)
+    red_g = sample_guider(safe_guider(model, pos, neg, concept(clip, "a red cat")), model, latent())
+    assert torch.isfinite(red_g).all() and not torch.equal(red_g, ref_g)
+
+
+def test_sdxl_family(sdxl):
+    model, clip, _ = sdxl
+    pos, neg = encode(clip, "a red cat"), encode(clip, "")
+    h = concept(clip, "a red cat")
+    ref = ksample(model, pos, neg)
+    assert torch.equal(ref, ksample(safe_patch(model, h, strength=0.0), pos, neg))
+    red = ksample(safe_patch(model, h), pos, neg)
+    assert torch.isfinite(red).all() and not torch.equal(red, ref)
+    ref_g = sample_guider(core_guider(model, pos, neg, 5.0), model, latent())
+    assert torch.equal(ref_g, sample_guider(safe_guider(model, pos, neg, h, strength=0.0), model, latent()))
+    red_g = sample_guider(safe_guider(model, pos, neg, h), model, latent())
+    assert torch.isfinite(red_g).all() and not torch.equal(red_g, ref_g)
+
+
+def test_sdxl_learned_hgr_family_check(sdxl, sd15, hgr_dir):
+    with pytest.raises(ValueError) as e:
+        safe_patch(sdxl.model, load("random.safetensors"))
+    msg = str(e.value)
+    assert "HGRSafeCFGPatch" in msg and "random.safetensors" in msg and "SD15" in msg and "SDXL" in msg
+    with pytest.raises(ValueError) as e:
+        safe_guider(sd15.model, encode(sd15.clip, "x"), encode(sd15.clip, ""), load("random_sdxl.safetensors"))
+    assert "HGRSafeCFGGuider" in str(e.value) and "train" in str(e.value)
+    out = ksample(safe_patch(sdxl.model, load("random_sdxl.safetensors")), encode(sdxl.clip, "x"), encode(sdxl.clip, ""))
+    assert torch.isfinite(out).all()
+
+
+def test_stacks_with_rescale_cfg_and_pre_cfg_nodes(sd15, hgr_dir):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red cat"), encode(clip, "")
+    (rescaled,) = node_out("RescaleCFG", model=model, multiplier=0.7)
+    (apg,) = node_out("APG", model=model, eta=0.5, norm_threshold=2.0, momentum=0.0)
+    for other in (rescaled, apg):
+        ref = ksample(other, pos, neg)
+        assert torch.equal(ref, ksample(safe_patch(other, load("identity.safetensors")), pos, neg))
+        red = ksample(safe_patch(other, concept(clip, "a red cat")), pos, neg)
+        assert not torch.equal(red, ref)
+    # the post-CFG rescale still acts on the redirected result, in the patch and in the guider
+    h = concept(clip, "a red cat", threshold=0.5)
+    plain_red = ksample(safe_patch(model, h, strength=0.5), pos, neg)
+    resc_red = ksample(safe_patch(rescaled, h, strength=0.5), pos, neg)
+    assert not torch.equal(plain_red, resc_red)
+    g_plain = sample_guider(safe_guider(model, pos, neg, h, strength=0.5), model, latent())
+    g_resc = sample_guider(safe_guider(rescaled, pos, neg, h, strength=0.5), rescaled, latent())
+    assert not torch.equal(g_plain, g_resc)
+    # two SafeCFG patches stack (learned + concept)
+    both = ksample(safe_patch(safe_patch(model, load("random.safetensors")), h), pos, neg)
+    assert torch.isfinite(both).all()
+
+
+def test_loader_errors_name_node_file_and_fix(hgr_dir):
+    bad = hgr_dir / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(ValueError) as e:
+        load("broken.safetensors")
+    msg = str(e.value)
+    assert msg.startswith("HGRLoader:") and "broken.safetensors" in msg and "truncated" in msg.lower()
+    with pytest.raises(ValueError) as e:
+        load("not_there.safetensors")
+    assert "HGRLoader" in str(e.value) and "models/hgr" in str(e.value)
+
+
+def test_concept_node_rejects_empty_text(sd15):
+    with pytest.raises(ValueError, match="HGRConceptRedirector: 'concepts' is empty"):
+        concept(sd15.clip, "  \n# only a comment\n")
