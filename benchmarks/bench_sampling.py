@@ -5,7 +5,7 @@ batch 1, Euler, on whatever device ComfyUI picks (CPU here). Every configuration
 interleaved rounds so that machine drift hits all of them alike; the per-step time is the median
 over rounds; ratios are to plain CFG (core CFGGuider) from the same rounds. Peak memory is the
 process's peak resident set size (CPU) or peak CUDA allocation (GPU) while a configuration runs,
-sampled every 5 ms.
+sampled every 5 ms. Ratios are the median over rounds of each round's ratio.
 
     python -m benchmarks.bench_sampling --out results/bench.json [--steps 3 --rounds 5]
 """
@@ -81,12 +81,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     ensure_comfy()
-    import torch
-
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.samplers
     import comfy.supported_models
+    import torch
     from support.tiny_models import seed_module_
 
     pack = pack_module()
@@ -168,7 +167,9 @@ def main(argv=None) -> int:
               flush=True)
 
     med = {n: statistics.median(times[n]) for n in configs}
-    ratios = {n: med[n] / med["plain_cfg"] for n in configs if n != "plain_cfg"}
+    # the ratio of each round (same machine state for both), then the median over rounds
+    ratios = {n: statistics.median(t / p for t, p in zip(times[n], times["plain_cfg"]))
+              for n in configs if n != "plain_cfg"}
     targets = {"identity_hgr": TARGET_HGR, "learned_hgr": TARGET_HGR,
                "concept_1": TARGET_HGR * 3 / 2, "concept_3": TARGET_HGR * 5 / 2}
     print()

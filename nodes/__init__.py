@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 from .guidance_nodes import HGRSafeCFGGuider, HGRSafeCFGPatch
 from .hgr_nodes import HGRConceptRedirector, HGRLoader, register_folder

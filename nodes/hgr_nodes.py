@@ -73,7 +73,8 @@ class HGRLoader(io.ComfyNode):
     def execute(cls, hgr_name) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, hgr_name)
         if path is None:
-            raise ValueError(f"HGRLoader: HGR file '{hgr_name}' was not found in {folder_paths.get_folder_paths(FOLDER)}."
+            where = folder_paths.get_folder_paths(FOLDER)
+            raise ValueError(f"HGRLoader: HGR file '{hgr_name}' was not found in {where}."
                              " Put HGR .safetensors files in ComfyUI/models/hgr/ and refresh.")
         try:
             hgr = load_hgr(path)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import uuid
 
-import torch
-
-import comfy.samplers
-from comfy.sampler_helpers import convert_cond
 import comfy.patcher_extension
+import comfy.samplers
 import node_helpers
+import torch
+from comfy.sampler_helpers import convert_cond
 
 from .hgr_type import HGRHandle
 

@@ -167,7 +167,8 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
             numel *= d
         a, b = header[k]["data_offsets"]
         if b - a != numel * itemsize:
-            raise _fail(path, f"tensor '{k}' occupies {b - a} bytes, expected {numel * itemsize}", "The file is corrupt")
+            raise _fail(path, f"tensor '{k}' occupies {b - a} bytes, expected {numel * itemsize}",
+                        "The file is corrupt")
     sd = load_file(str(path), device="cpu")
     for k, v in sd.items():
         if not torch.isfinite(v).all():

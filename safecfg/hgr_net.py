@@ -35,7 +35,7 @@ class HGRConfig:
     LIMITS = {"latent_channels": (1, 128), "width": (8, 512), "blocks": (1, 8), "embed_dim": (8, 1024),
               "groups": (1, 64)}
 
-    def validate(self) -> "HGRConfig":
+    def validate(self) -> HGRConfig:
         for name, (lo, hi) in self.LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -54,7 +54,7 @@ class HGRConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "HGRConfig":
+    def from_json(cls, text: str) -> HGRConfig:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("the architecture must be a JSON object")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-import pytest
-import torch
-
 import comfy.sample
 import comfy.samplers
 import folder_paths
 import nodes
+import pytest
+import torch
 from support import runtime
 
 STEPS = 4
@@ -200,8 +199,13 @@ def test_concept_conds_share_the_batched_model_call(sd15):
     pos, neg = encode(clip, "a red cat"), encode(clip, "")
     for make in ("guider", "patch"):
         calls = []
+
+        def count_rows(apply_model, a, calls=calls):
+            calls.append(a["input"].shape[0])
+            return apply_model(a["input"], a["timestep"], **a["c"])
+
         m = model.clone()
-        m.set_model_unet_function_wrapper(lambda f, a: calls.append(a["input"].shape[0]) or f(a["input"], a["timestep"], **a["c"]))
+        m.set_model_unet_function_wrapper(count_rows)
         h = concept(clip, "a red cat\nblood\nknife")
         if make == "guider":
             sample_guider(safe_guider(m, pos, neg, h), m, latent())
@@ -274,7 +278,8 @@ def test_area_and_mask_conditionings(sd15, hgr_dir, kind):
     ref = ksample(model, pos, neg)
     assert torch.equal(ref, ksample(safe_patch(model, load("identity.safetensors")), pos, neg))
     ref_g = sample_guider(core_guider(model, pos, neg, 5.0), model, latent())
-    assert torch.equal(ref_g, sample_guider(safe_guider(model, pos, neg, load("identity.safetensors")), model, latent()))
+    ident = safe_guider(model, pos, neg, load("identity.safetensors"))
+    assert torch.equal(ref_g, sample_guider(ident, model, latent()))
     red = ksample(safe_patch(model, concept(clip, "a red cat")), pos, neg)
     assert torch.isfinite(red).all() and not torch.equal(red, ref)
     red_g = sample_guider(safe_guider(model, pos, neg, concept(clip, "a red cat")), model, latent())
@@ -303,7 +308,8 @@ def test_sdxl_learned_hgr_family_check(sdxl, sd15, hgr_dir):
     with pytest.raises(ValueError) as e:
         safe_guider(sd15.model, encode(sd15.clip, "x"), encode(sd15.clip, ""), load("random_sdxl.safetensors"))
     assert "HGRSafeCFGGuider" in str(e.value) and "train" in str(e.value)
-    out = ksample(safe_patch(sdxl.model, load("random_sdxl.safetensors")), encode(sdxl.clip, "x"), encode(sdxl.clip, ""))
+    patched = safe_patch(sdxl.model, load("random_sdxl.safetensors"))
+    out = ksample(patched, encode(sdxl.clip, "x"), encode(sdxl.clip, ""))
     assert torch.isfinite(out).all()
 
 

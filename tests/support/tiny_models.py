@@ -1,0 +1,274 @@
+"""Tiny, seeded, REAL ComfyUI model objects for tests (no downloads, no mocks).
+
+Every builder returns the same object types a checkpoint loader would:
+
+* ``tiny_sd15(seed)``       -> ``comfy.model_patcher.ModelPatcher`` around ``model_base.BaseModel``
+                               (``supported_models.SD15`` config, real ``UNetModel``)
+* ``tiny_sd15_clip(seed)``  -> ``comfy.sd.CLIP`` (real ``SD1Tokenizer`` files shipped with ComfyUI,
+                               ``SD1ClipModel``/``SDClipModel`` with a 32-wide CLIP text encoder)
+* ``tiny_vae(seed)``        -> ``comfy.sd.VAE`` (TAESD architecture)
+* ``tiny_sdxl(seed)``       -> ModelPatcher around ``model_base.SDXL`` (``adm_in_channels`` 2816:
+                               1280 pooled + 6x256 size embeddings, exactly like SDXL)
+* ``tiny_sdxl_clip(seed)``  -> ``comfy.sd.CLIP`` with the real ``SDXLTokenizer``/``SDXLClipModel``
+                               (clip_l 16 + clip_g 16 = 32 context dims, 1280-wide pooled output)
+* ``sdxl_conditioning(seed, n)`` -> a CONDITIONING list without any text encoder.
+
+ComfyUI creates weights with ``comfy.ops.disable_weight_init`` (uninitialised memory), so every
+weight is filled from a ``torch.Generator``: Linear/Conv weights ~ N(0, std=gain/sqrt(fan_in)),
+embeddings ~ N(0, 0.02), biases 0, norm weights 1. The tiny UNets then predict eps with std ~0.55
+that moves by ~15% between prompts; TAESD decodes to mid-grey images with std ~0.2. Scalars that
+ComfyUI initialises itself (``logit_scale``, TAESD ``vae_scale``/``vae_shift``) and buffers (noise
+schedules) are left as ComfyUI set them.
+
+Call ``runtime.ensure_comfy()`` before importing this module (it imports ``comfy``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+import comfy.sd1_clip
+import comfy.sdxl_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.taesd.taesd
+import torch
+
+CONTEXT_DIM = 32
+SDXL_CONTEXT_DIM = 32
+SDXL_POOLED_DIM = 1280
+SDXL_ADM_CHANNELS = 2816  # 1280 pooled + 6 * 256 size/crop embeddings
+
+# A UNet of the SD1.x family: two levels (32, 64 channels), one res block each, cross-attention
+# at both levels and in the middle block (8 heads, SD15's fixed num_heads).
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": CONTEXT_DIM,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+# SDXL family: label embedding ("sequential", 2816 inputs), linear transformer projections,
+# no attention at the first level (as in SDXL), heads of 32 channels.
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": SDXL_ADM_CHANNELS,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": SDXL_CONTEXT_DIM,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+SDXL_NUM_HEAD_CHANNELS = 32
+
+# Overrides of ComfyUI's CLIP-L / CLIP-bigG text configs (vocabulary and 77 positions unchanged,
+# so the real tokenizers work). 3 layers so the "penultimate" (-2) layer options are valid.
+TINY_CLIP_L = {"hidden_size": CONTEXT_DIM, "intermediate_size": 4 * CONTEXT_DIM,
+               "num_attention_heads": 4, "num_hidden_layers": 3, "projection_dim": CONTEXT_DIM}
+TINY_SDXL_CLIP_L = {"hidden_size": 16, "intermediate_size": 64, "num_attention_heads": 2,
+                    "num_hidden_layers": 3, "projection_dim": 16}
+TINY_SDXL_CLIP_G = {"hidden_size": 16, "intermediate_size": 64, "num_attention_heads": 2,
+                    "num_hidden_layers": 3, "projection_dim": SDXL_POOLED_DIM}
+
+_NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+if hasattr(torch.nn, "RMSNorm"):
+    _NORM_TYPES = _NORM_TYPES + (torch.nn.RMSNorm,)
+
+
+# --------------------------------------------------------------------------------------------
+# seeding
+
+
+def _fill_(t: torch.Tensor, values: torch.Tensor) -> None:
+    t.data.copy_(values.to(device=t.device, dtype=t.dtype))
+
+
+@torch.no_grad()
+def seed_module_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
+    """Deterministically (re)initialise every non-scalar parameter of ``module`` in place.
+
+    Order follows ``named_modules()``, so the same architecture + seed gives the same weights on
+    every machine. Returns ``module``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    for _, mod in module.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if p is None or p.ndim == 0:
+                continue  # scalars ComfyUI initialises itself (logit_scale, vae_scale, ...)
+            if isinstance(mod, _NORM_TYPES) or "norm" in type(mod).__name__.lower():
+                _fill_(p, torch.ones_like(p, device="cpu") if pname == "weight" else torch.zeros_like(p, device="cpu"))
+            elif isinstance(mod, torch.nn.Embedding) or pname.endswith("embedding"):
+                _fill_(p, torch.randn(p.shape, generator=gen) * 0.02)
+            elif pname == "bias" or p.ndim == 1:
+                _fill_(p, torch.zeros(p.shape))
+            else:
+                fan_in = max(1, math.prod(p.shape[1:]))
+                _fill_(p, torch.randn(p.shape, generator=gen) * (gain / math.sqrt(fan_in)))
+    return module
+
+
+@torch.no_grad()
+def seed_state_dict_(sd: dict, seed: int, gain: float = 1.0) -> dict:
+    """Seed a plain state dict (conv/linear weights fan-in normal, 1-d tensors zero, scalars kept)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    for k in sorted(sd):
+        t = sd[k]
+        if not torch.is_floating_point(t) or t.ndim == 0:
+            continue
+        if t.ndim == 1:
+            sd[k] = torch.zeros_like(t)
+        else:
+            fan_in = max(1, math.prod(t.shape[1:]))
+            sd[k] = (torch.randn(t.shape, generator=gen) * (gain / math.sqrt(fan_in))).to(t.dtype)
+    return sd
+
+
+def param_count(obj) -> int:
+    """Number of parameters of a ModelPatcher / CLIP / VAE / nn.Module."""
+    if isinstance(obj, comfy.model_patcher.ModelPatcher):
+        mod = obj.model
+    elif isinstance(obj, comfy.sd.CLIP):
+        mod = obj.cond_stage_model
+    elif isinstance(obj, comfy.sd.VAE):
+        mod = obj.first_stage_model
+    else:
+        mod = obj
+    return sum(p.numel() for p in mod.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# diffusion models
+
+
+def _patcher(model) -> comfy.model_patcher.ModelPatcher:
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def tiny_sd15(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """SD1.5-family eps-prediction UNet (~0.9 M params, context dim 32), fp32."""
+    model_config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
+    model = model_config.get_model({})
+    seed_module_(model.diffusion_model, seed)
+    model.eval()
+    return _patcher(model)
+
+
+def tiny_sdxl(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """SDXL-family eps-prediction UNet (adm 2816 = pooled 1280 + size conds, context 32), fp32."""
+    model_config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+    # SDXL inherits BASE's num_head_channels=64; 32 gives 2 heads on the 64-channel level.
+    model_config.unet_config["num_head_channels"] = SDXL_NUM_HEAD_CHANNELS
+    model = model_config.get_model({})
+    seed_module_(model.diffusion_model, seed)
+    model.eval()
+    return _patcher(model)
+
+
+# --------------------------------------------------------------------------------------------
+# text encoders
+
+
+class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+    """The real SDXL dual encoder with tiny configs.
+
+    ``CLIPTextModel.text_projection`` is square (hidden x hidden) in ComfyUI, so with a 16-wide
+    clip_g the pooled output would be 16 wide. SDXL's UNet needs a 1280-wide pooled output, so the
+    projection is rebuilt as hidden -> projection_dim (1280), which is what the projection is in the
+    real 1280-wide bigG model. Everything else is the stock ComfyUI code path.
+    """
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        super().__init__(device=device, dtype=dtype, model_options=model_options)
+        g = self.clip_g.transformer
+        hidden = g.text_projection.in_features
+        g.text_projection = self.clip_g.operations.Linear(hidden, SDXL_POOLED_DIM, bias=False,
+                                                          dtype=dtype, device=device)
+
+
+def _clip(target, model_options: dict, seed: int) -> comfy.sd.CLIP:
+    opts = {"dtype": torch.float32, **model_options}
+    clip = comfy.sd.CLIP(target=target, model_options=opts)
+    seed_module_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_sd15_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """``comfy.sd.CLIP`` with ``SD1Tokenizer`` and a 3-layer, 32-wide CLIP-L (~1.6 M params,
+    almost all in the 49408-token embedding)."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    return _clip(target, {"clip_l_model_config": dict(TINY_CLIP_L)}, seed)
+
+
+def tiny_sdxl_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """``comfy.sd.CLIP`` with ``SDXLTokenizer`` + ``SDXLClipModel`` (clip_l 16 + clip_g 16 wide):
+    cond (B, 77, 32) and ``pooled_output`` (B, 1280)."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+    return _clip(target, {"clip_l_model_config": dict(TINY_SDXL_CLIP_L),
+                          "clip_g_model_config": dict(TINY_SDXL_CLIP_G)}, seed)
+
+
+def sdxl_conditioning(seed: int = 0, n: int = 1, width: int = 64, height: int = 64) -> list:
+    """A SDXL CONDITIONING without a text encoder: ``[[cond (n,77,32), {"pooled_output": (n,1280),
+    width/height/target sizes}]]``."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    cond = torch.randn((n, 77, SDXL_CONTEXT_DIM), generator=gen)
+    pooled = torch.randn((n, SDXL_POOLED_DIM), generator=gen)
+    return [[cond, {"pooled_output": pooled, "width": width, "height": height, "crop_w": 0, "crop_h": 0,
+                    "target_width": width, "target_height": height}]]
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+
+
+def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
+    """``comfy.sd.VAE`` with the TAESD architecture (4 latent channels, 8x up/down), seeded."""
+    sd = comfy.taesd.taesd.TAESD().state_dict()
+    seed_state_dict_(sd, seed)
+    # The decoder's last conv emits pixels in [0, 1] (ComfyUI clamps). Centre it on mid-grey with a
+    # moderate spread so decoded images are neither saturated nor flat (mean ~0.5, std ~0.2).
+    last = max((k for k in sd if k.startswith("taesd_decoder.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[1]))
+    sd[last] = sd[last] * 0.5
+    bias = last[: -len("weight")] + "bias"
+    sd[bias] = torch.full_like(sd[bias], 0.5)
+    return comfy.sd.VAE(sd=sd)
+
+
+def tiny_family(family: str, seed: int = 0):
+    """(MODEL, CLIP, VAE) for ``family`` in {"sd15", "sdxl"}."""
+    if family == "sd15":
+        return tiny_sd15(seed), tiny_sd15_clip(seed), tiny_vae(seed)
+    if family == "sdxl":
+        return tiny_sdxl(seed), tiny_sdxl_clip(seed), tiny_vae(seed)
+    raise ValueError(f"unknown tiny model family {family!r} (expected 'sd15' or 'sdxl')")
