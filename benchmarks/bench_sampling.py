@@ -2,10 +2,10 @@
 
 The full-size SD1.5 UNet architecture (random weights; ~860 M parameters), a 32x32 latent (256 px),
 batch 1, Euler, on whatever device ComfyUI picks (CPU here). Every configuration is sampled in
-interleaved rounds so that machine drift hits all of them alike; the per-step time is the median
+interleaved rounds (the order rotated every round) so that machine drift and order effects hit all of them alike; the per-step time is the median
 over rounds; ratios are to plain CFG (core CFGGuider) from the same rounds. Peak memory is the
 process's peak resident set size (CPU) or peak CUDA allocation (GPU) while a configuration runs,
-sampled every 5 ms. Ratios are the median over rounds of each round's ratio.
+sampled every 20 ms. Ratios are the median over rounds of each round's ratio.
 
     python -m benchmarks.bench_sampling --out results/bench.json [--steps 3 --rounds 5]
 """
@@ -55,7 +55,7 @@ class PeakMemory:
         self.peak = self.proc.memory_info().rss
 
         def watch():
-            while not self.stop.wait(0.005):
+            while not self.stop.wait(0.02):
                 self.peak = max(self.peak, self.proc.memory_info().rss)
 
         self.thread = threading.Thread(target=watch, daemon=True)
@@ -75,7 +75,7 @@ class PeakMemory:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="sampling steps per run (default 3)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported (default 5)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds, order rotated each round (default 5)")
     ap.add_argument("--latent", type=int, default=32, help="latent side (default 32 = 256 px)")
     ap.add_argument("--out", default="results/bench.json")
     args = ap.parse_args(argv)
@@ -153,7 +153,9 @@ def main(argv=None) -> int:
     times = {n: [] for n in configs}
     peaks = {n: 0.0 for n in configs}
     for r in range(args.rounds):
-        for name in configs:
+        # rotate the order every round so that no configuration always runs first or after another
+        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        for name in order:
             with PeakMemory(device) as pm:
                 t0 = time.perf_counter()
                 out = run(name)
