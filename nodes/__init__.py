@@ -7,11 +7,13 @@ import os
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .demo_nodes import HGRDemoModelLoader
 from .guidance_nodes import HGRSafeCFGGuider, HGRSafeCFGPatch
 from .hgr_nodes import HGRConceptRedirector, HGRLoader, register_folder
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NODES: list[type[io.ComfyNode]] = [HGRLoader, HGRConceptRedirector, HGRSafeCFGGuider, HGRSafeCFGPatch]
+NODES: list[type[io.ComfyNode]] = [HGRLoader, HGRConceptRedirector, HGRSafeCFGGuider, HGRSafeCFGPatch,
+                                   HGRDemoModelLoader]
 
 
 class SafeCFGExtension(ComfyExtension):
