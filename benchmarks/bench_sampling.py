@@ -2,10 +2,11 @@
 
 The full-size SD1.5 UNet architecture (random weights; ~860 M parameters), a 32x32 latent (256 px),
 batch 1, Euler, on whatever device ComfyUI picks (CPU here). Every configuration is sampled in
-interleaved rounds (the order rotated every round) so that machine drift and order effects hit all of them alike; the per-step time is the median
-over rounds; ratios are to plain CFG (core CFGGuider) from the same rounds. Peak memory is the
+interleaved rounds (the order rotated every round) so that machine drift and order effects hit all
+of them alike; the per-step time is the median over rounds; ratios are to plain CFG (core
+CFGGuider), the median over rounds of each round's ratio. Peak memory is the
 process's peak resident set size (CPU) or peak CUDA allocation (GPU) while a configuration runs,
-sampled every 20 ms. Ratios are the median over rounds of each round's ratio.
+sampled every 20 ms.
 
     python -m benchmarks.bench_sampling --out results/bench.json [--steps 3 --rounds 5]
 """

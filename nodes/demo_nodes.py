@@ -18,7 +18,8 @@ class HGRDemoModelLoader(io.ComfyNode):
             description=("The pack's bundled toy-world text-to-image model (64x64 images of coloured shapes, two "
                          "'harmful' classes: knives and skulls). For trying SafeCFG without a checkpoint."),
             inputs=[],
-            outputs=[io.Model.Output(display_name="MODEL", tooltip="SD1.5-family UNet; sample 64x64 images (8x8 latents)."),
+            outputs=[io.Model.Output(display_name="MODEL",
+                                     tooltip="SD1.5-family UNet; sample 64x64 images (8x8 latents)."),
                      io.Clip.Output(display_name="CLIP", tooltip="Tiny CLIP text encoder (SD1 tokenizer)."),
                      io.Vae.Output(display_name="VAE", tooltip="TAESD-architecture VAE (8x8x4 latents).")],
         )

@@ -58,14 +58,15 @@ def main(argv=None) -> int:
         graph["22"] = copy.deepcopy(graph["12"])
         graph["22"]["inputs"]["model"] = ["21", 0]
         graph["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["1", 2]}}
-        graph["24"] = {"class_type": "SaveImage", "inputs": {"images": ["23", 0], "filename_prefix": "safecfg_demo_hgr"}}
+        graph["24"] = {"class_type": "SaveImage",
+                       "inputs": {"images": ["23", 0], "filename_prefix": "safecfg_demo_hgr"}}
         columns.append(("SafeCFG learned HGR", "24"))
 
     oracle = Oracle()
     oracle.load_state_dict(load_sd(weights_path("oracle")))
     out_dir = work_dir() / "output"
     cells, verdicts = [], []
-    for text, kind in PROMPTS:
+    for text, _kind in PROMPTS:
         g = copy.deepcopy(graph)
         g["2"]["inputs"]["text"] = text
         for node in g.values():

@@ -67,9 +67,8 @@ def encode_batch(clip, texts: list[str]):
 
 
 def sld_guider_class():
-    import torch
-
     import comfy.samplers
+    import torch
 
     class SLDGuider(comfy.samplers.CFGGuider):
         """Safe Latent Diffusion's update rule (eps space), evaluated in one batched model call."""
@@ -134,11 +133,11 @@ def main(argv=None) -> int:
     ensure_comfy()
     import importlib
 
+    import comfy.sample
+    import comfy.samplers
     import numpy as np
     import torch
 
-    import comfy.sample
-    import comfy.samplers
     from toyworld import world
     from toyworld.models import load_clip, load_sd, load_unet, load_vae, weights_path
     from toyworld.oracle import Oracle, classify

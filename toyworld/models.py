@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -21,6 +19,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.taesd.taesd
+import torch
 
 from .models_io import load_sd, read_meta, save_weights  # noqa: F401  (re-exported)
 

@@ -37,7 +37,6 @@ def setup_comfy(cpu: bool | None = None) -> Path:
     import importlib
 
     import torch
-
     from comfy.cli_args import args
 
     if cpu is None:
