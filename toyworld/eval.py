@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -50,11 +49,9 @@ def make_prompts(split: str, n: int, seed: int):
             cls = world.HARMFUL[cat][0]
             names = world.TRAIN_NAMES[cat] if split == "harmful" else [world.HELD_OUT_NAMES[cat]]
             name = names[rng.integers(len(names))]
-        text = f"a {colour} {name}"
+        text = ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {name}"
         if rng.uniform() < 0.5:
-            text = ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {name} {world.BACKGROUND_PHRASE[bg]}"
-        else:
-            text = ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {name}"
+            text += " " + world.BACKGROUND_PHRASE[bg]
         out.append((text, cls, colour, bg))
     return out
 
@@ -290,7 +287,6 @@ def grid(images: dict, splits: dict, path: Path, per: int = 8) -> None:
         rows.append(np.concatenate(cells, axis=1))
         rows.append(np.ones((4, rows[-1].shape[1], 3)))
     Image.fromarray((np.concatenate(rows) * 255).astype("uint8")).save(path)
-    _ = math
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ UNET_CONFIG = {
     "context_dim": CONTEXT_DIM, "use_temporal_resblock": False, "use_temporal_attention": False,
 }
 CLIP_CONFIG = {"hidden_size": CONTEXT_DIM, "intermediate_size": 4 * CONTEXT_DIM, "num_attention_heads": 4,
-               "num_hidden_layers": 3, "projection_dim": CONTEXT_DIM}
+               "num_hidden_layers": 2, "projection_dim": CONTEXT_DIM}
 
 
 def weights_path(kind: str) -> Path:

@@ -17,7 +17,7 @@ N_COLOURS = len(world.COLOUR_NAMES)
 
 
 class Oracle(nn.Module):
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 16):
         super().__init__()
         w = width
 
@@ -25,13 +25,15 @@ class Oracle(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
-        self.features = nn.Sequential(block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
-                                      block(2 * w, 4 * w), nn.MaxPool2d(2), block(4 * w, 4 * w))
-        self.presence = nn.Linear(4 * w, N_CLASSES)
-        self.colour = nn.Linear(4 * w, N_COLOURS)
+        # a strided stem keeps it cheap on a CPU (64 -> 32), then three stages (32, 16, 8)
+        self.features = nn.Sequential(nn.Conv2d(3, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+                                      block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2),
+                                      block(4 * w, 8 * w))
+        self.presence = nn.Linear(8 * w, N_CLASSES)
+        self.colour = nn.Linear(8 * w, N_COLOURS)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, 4w): also the feature space of the benchmark's Frechet distance."""
+        """Pooled features (B, 8w): also the feature space of the benchmark's Frechet distance."""
         return F.adaptive_max_pool2d(self.features(x), 1).flatten(1)
 
     def forward(self, x: torch.Tensor):

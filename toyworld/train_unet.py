@@ -16,13 +16,14 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 from .trainutil import REPO, Every, init_module_, load_state, log, save_state, setup_comfy
 
 STATE = REPO / ".toytrain"
 
 
-def encode_dataset(n: int, seed: int, path):
+def encode_dataset(n: int, seed: int, path, vae_path=None):
     import torch
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
@@ -34,7 +35,7 @@ def encode_dataset(n: int, seed: int, path):
         d = load_file(str(path))
         if d["latents"].shape[0] == n:
             return d["latents"], json.loads(path.with_suffix(".json").read_text())
-    vae = load_vae()
+    vae = load_vae(vae_path)
     rng_seed = seed * 10_007
     lats, recs = [], []
     for i in tqdm(range(0, n, 64), desc="encode"):
@@ -49,6 +50,22 @@ def encode_dataset(n: int, seed: int, path):
     save_file({"latents": latents.contiguous()}, str(path))
     path.with_suffix(".json").write_text(json.dumps(recs))
     return latents, recs
+
+
+def te_forward(te, ids):
+    """ComfyUI's SD1 CLIP forward (causal mask, last layer, final layer norm) without its in-place
+    residual adds, so that it can be trained with autograd. Same modules, same weights."""
+    import torch
+    from comfy.clip_model import optimized_attention_for_device
+
+    tm = te.transformer.text_model
+    x = tm.embeddings.token_embedding.weight[ids] + tm.embeddings.position_embedding.weight
+    causal = torch.full((x.shape[1], x.shape[1]), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
+    attn = optimized_attention_for_device(x.device, mask=True, small_input=True)
+    for layer in tm.encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), causal, attn)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return tm.final_layer_norm(x)
 
 
 def caption_for(rec: dict, rng) -> str:
@@ -66,14 +83,20 @@ def caption_for(rec: dict, rng) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="time budget: after 20 steps, set --steps to what fits (recorded in the weights)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--scenes", type=int, default=12000)
+    ap.add_argument("--scenes", type=int, default=5000)
     ap.add_argument("--cond-drop", type=float, default=0.1)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--state-dir", default=str(STATE), help="resumable state and encoded dataset")
+    ap.add_argument("--vae", default=None, help="VAE file for encoding (default: the bundled toy VAE)")
+    ap.add_argument("--export-dir", default=None, help="where to write toy_unet/toy_clip (default weights/toyworld)")
     args = ap.parse_args(argv)
+    state_dir = Path(args.state_dir)
 
     setup_comfy()
     import numpy as np
@@ -83,7 +106,7 @@ def main(argv=None) -> int:
 
     from .models import clip_token_ids, new_clip, new_unet, save_weights, weights_path
 
-    latents, recs = encode_dataset(args.scenes, args.seed, STATE / "latents.safetensors")
+    latents, recs = encode_dataset(args.scenes, args.seed, state_dir / "latents.safetensors", args.vae)
     log.info("[unet] dataset: %d latents, std %.3f", latents.shape[0], latents.std().item())
 
     torch.manual_seed(args.seed)
@@ -98,8 +121,8 @@ def main(argv=None) -> int:
         emb = te.transformer.text_model.embeddings
         emb.token_embedding.weight.mul_(0.02)
         emb.position_embedding.weight.mul_(0.01)
-    unet.train()
-    te.train()
+    unet.requires_grad_(True).train()  # comfy.sd.CLIP freezes its encoder; training needs gradients
+    te.requires_grad_(True).train()
     params = list(unet.parameters()) + list(te.parameters())
     n_unet = sum(p.numel() for p in unet.parameters())
     log.info("[unet] UNet %.2f M params, text encoder %.2f M params", n_unet / 1e6,
@@ -107,7 +130,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     modules = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
-    step = 0 if args.fresh else load_state(STATE / "unet_state.safetensors", modules, opt)
+    step = 0 if args.fresh else load_state(state_dir / "unet_state.safetensors", modules, opt)
     if step:
         log.info("[unet] resuming at step %d", step)
     tok_cache: dict[str, list[int]] = {}
@@ -117,11 +140,25 @@ def main(argv=None) -> int:
             tok_cache[text] = clip_token_ids(clip, text)
         return tok_cache[text]
 
+    # the differentiable forward must equal ComfyUI's inference path exactly
+    probe = ["a red star on dots", "", "a large purple machete at the left"]
+    with torch.no_grad():
+        ref, _ = te([tokens(t) for t in probe])
+        mine = te_forward(te, torch.tensor([tokens(t) for t in probe]))
+    torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+
     sigmas = ms.sigmas.float()
     save_every = Every(180)
     bar = tqdm(total=args.steps, initial=step, desc="unet", dynamic_ncols=True)
     t0 = time.time()
+    budget_start, budget_step = time.time(), step
     while step < args.steps:
+        if args.minutes and step == budget_step + 20:
+            per = (time.time() - budget_start) / 20
+            args.steps = step + int((args.minutes * 60 - (time.time() - budget_start)) / per)
+            bar.total = args.steps
+            log.info("[unet] %.2f s/step: training %d steps in total to fit %.0f minutes", per, args.steps,
+                     args.minutes)
         warm = min(1.0, (step + 1) / 200)
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
         for g in opt.param_groups:
@@ -130,7 +167,7 @@ def main(argv=None) -> int:
         idx = rng.integers(0, latents.shape[0], args.batch)
         x0 = latents[idx]
         texts = ["" if rng.uniform() < args.cond_drop else caption_for(recs[i], rng) for i in idx]
-        ctx, _ = te([tokens(t) for t in texts])
+        ctx = te_forward(te, torch.tensor([tokens(t) for t in texts]))
         t = torch.from_numpy(rng.integers(0, len(sigmas), args.batch))
         sigma = sigmas[t].view(-1, 1, 1, 1)
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
@@ -150,8 +187,9 @@ def main(argv=None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if save_every() or step == args.steps:
-            save_state(STATE / "unet_state.safetensors", modules, opt, step)
+            save_state(state_dir / "unet_state.safetensors", modules, opt, step)
             export(ema_unet, ema_te, step, args, save_weights, weights_path, time.time() - t0)
+            log.info("[unet] step %d: exported EMA weights", step)
     bar.close()
     log.info("[unet] done: %d steps", step)
     return 0
@@ -162,10 +200,12 @@ def export(ema_unet, ema_te, step, args, save_weights, weights_path, seconds):
 
     meta = {"steps": str(step), "seed": str(args.seed), "batch": str(args.batch), "scenes": str(args.scenes),
             "cond_drop": str(args.cond_drop), "ema": str(args.ema)}
-    save_weights(weights_path("unet"), ema_unet.state_dict(),
+    out = Path(args.export_dir) if args.export_dir else None
+    save_weights(out / "toy_unet.safetensors" if out else weights_path("unet"), ema_unet.state_dict(),
                  {"kind": "toyworld.unet", "config": json.dumps(UNET_CONFIG), **meta})
     sd = {f"clip_l.{k}": v for k, v in ema_te.state_dict().items()}
-    save_weights(weights_path("clip"), sd, {"kind": "toyworld.clip", "config": json.dumps(CLIP_CONFIG), **meta})
+    save_weights(out / "toy_clip.safetensors" if out else weights_path("clip"), sd,
+                 {"kind": "toyworld.clip", "config": json.dumps(CLIP_CONFIG), **meta})
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def setup_comfy(cpu: bool | None = None) -> Path:
     if cpu is None:
         cpu = not torch.cuda.is_available()
     args.cpu = bool(cpu)
+    # ComfyUI picks sub-quadratic attention on CPU, which is several times slower for these tiny
+    # models (and in training); PyTorch's SDPA is exact and fast everywhere.
+    args.use_pytorch_cross_attention = True
     importlib.import_module("utils.extra_config")  # must precede `nodes` (ComfyUI import-order trap)
     importlib.import_module("comfy.model_management")
     if str(REPO) not in sys.path:

@@ -153,14 +153,12 @@ def _background(kind: str, rng: np.random.Generator) -> np.ndarray:
         base = np.full((SIZE, SIZE), 0.85 + rng.uniform(-0.05, 0.05))
     elif kind == "dark":
         base = np.full((SIZE, SIZE), 0.18 + rng.uniform(-0.05, 0.05))
-    elif kind == "striped":
-        period = rng.uniform(0.12, 0.2)
-        base = np.where(((X + Y) / period + rng.uniform()) % 1.0 < 0.5, 0.75, 0.45)
+    elif kind == "striped":  # fixed period and phase: a texture the 8x8 latent can carry
+        base = np.where(((X + Y) / 0.25) % 1.0 < 0.5, 0.72, 0.5) + rng.uniform(-0.03, 0.03)
     elif kind == "dotted":
-        period = rng.uniform(0.14, 0.2)
-        off = rng.uniform(0, period, 2)
-        d = np.hypot(((X + off[0]) % period) - period / 2, ((Y + off[1]) % period) - period / 2)
-        base = np.where(d < period * 0.22, 0.35, 0.7)
+        period = 0.125
+        d = np.hypot((X % period) - period / 2, (Y % period) - period / 2)
+        base = np.where(d < period * 0.25, 0.4, 0.68) + rng.uniform(-0.03, 0.03)
     else:
         raise ValueError(kind)
     return np.repeat(base[..., None], 3, axis=2).astype(np.float32)

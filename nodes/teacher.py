@@ -1,0 +1,77 @@
+"""The base model as an HGR teacher: ComfyUI's sampler and batched model calls behind the
+:class:`safecfg.train.Teacher` interface."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import torch
+from comfy.sampler_helpers import convert_cond
+
+
+class ComfyTeacher:
+    """Plain-CFG trajectories and batched denoised predictions of a ComfyUI MODEL + CLIP."""
+
+    def __init__(self, model_patcher, clip, *, width: int = 64, height: int = 64, sampler: str = "euler",
+                 scheduler: str = "normal"):
+        self.mp, self.clip = model_patcher, clip
+        lf = model_patcher.model.latent_format
+        self.latent_format = type(lf).__name__
+        self.latent_channels = int(getattr(lf, "latent_channels", 4))
+        self.width, self.height = width, height
+        self.sampler, self.scheduler = sampler, scheduler
+        self._conds: dict[str, list] = {}
+
+    def cond(self, text: str) -> list:
+        if text not in self._conds:
+            self._conds[text] = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+        return self._conds[text]
+
+    def batch_cond(self, texts: list[str]) -> list:
+        """One conditioning whose batch rows are the given prompts."""
+        parts = [self.cond(t)[0] for t in texts]
+        extra = dict(parts[0][1])
+        if all("pooled_output" in p[1] and p[1]["pooled_output"] is not None for p in parts):
+            extra["pooled_output"] = torch.cat([p[1]["pooled_output"] for p in parts])
+        return [[torch.cat([p[0] for p in parts]), extra]]
+
+    def sigma_range(self) -> tuple[float, float]:
+        ms = self.mp.get_model_object("model_sampling")
+        return float(ms.sigma_min), float(ms.sigma_max)
+
+    def trajectories(self, prompts, seed, steps, cfg):
+        guider = comfy.samplers.CFGGuider(self.mp)
+        guider.set_conds(self.batch_cond(prompts), self.batch_cond([""] * len(prompts)))
+        guider.set_cfg(cfg)
+        lat = torch.zeros(len(prompts), self.latent_channels, self.height // 8, self.width // 8)
+        noise = comfy.sample.prepare_noise(lat, seed)
+        ms = self.mp.get_model_object("model_sampling")
+        sigmas = comfy.samplers.calculate_sigmas(ms, self.scheduler, steps)
+        states, last = [], {}
+
+        def cb(i, x0, x, total):
+            states.append((x.detach().float().cpu(), sigmas[i].expand(x.shape[0]).float().cpu()))
+            last["x0"] = x0.detach().float().cpu()
+
+        with torch.no_grad():
+            guider.sample(noise, lat, comfy.samplers.sampler_object(self.sampler), sigmas, callback=cb,
+                          disable_pbar=True, seed=seed)
+        return states, last["x0"]
+
+    def denoise(self, x, sigma, prompts):
+        mp = self.mp
+        comfy.model_management.load_models_gpu([mp])
+        device = mp.load_device
+        x = x.to(device)
+        sigma = sigma.to(device)
+        model = mp.model
+        conds = [comfy.samplers.encode_model_conds(model.extra_conds, convert_cond(self.batch_cond(col)), x, device,
+                                                   "positive") for col in prompts]
+        mp.pre_run()
+        try:
+            with torch.no_grad():
+                out = comfy.samplers.calc_cond_batch(model, conds, x, sigma, mp.model_options)
+        finally:
+            mp.cleanup()
+        return [o.float().cpu() for o in out]

@@ -1,0 +1,115 @@
+"""The toy world: generator, held-out names, bundled model and demo loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toyworld import world
+
+
+def test_generator_is_deterministic_and_varied():
+    a, sa = world.batch(5, 16, harmful_p=0.5)
+    b, sb = world.batch(5, 16, harmful_p=0.5)
+    c, _ = world.batch(6, 16, harmful_p=0.5)
+    assert a.shape == (16, 64, 64, 3) and a.dtype == np.float32
+    assert np.array_equal(a, b) and [s.caption for s in sa] == [s.caption for s in sb]
+    assert not np.array_equal(a, c)
+    assert 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_world_has_required_richness():
+    assert len(world.CLEAN_CLASSES) >= 8 and len(world.COLOURS) >= 6 and len(world.BACKGROUNDS) >= 3
+    assert len(world.HARMFUL) >= 2
+    for cat, (obj, names) in world.HARMFUL.items():
+        assert len(names) >= 3 and obj not in world.CLEAN_CLASSES
+        assert world.HELD_OUT_NAMES[cat] not in world.TRAIN_NAMES[cat]
+        assert set(world.TRAIN_NAMES[cat]) | {world.HELD_OUT_NAMES[cat]} == set(names)
+
+
+def test_every_class_draws_a_distinct_shape():
+    rng = np.random.default_rng(0)
+    imgs = {c: world.render(world.prompt_scene(c, "red", c, "light", rng), rng) for c in world.CLASSES}
+    masks = {c: (np.abs(im - im[0, 0]).sum(-1) > 0.3) for c, im in imgs.items()}
+    for c, m in masks.items():
+        assert m.sum() > 60, c  # visible
+    names = list(masks)
+    for i, c1 in enumerate(names):
+        for c2 in names[i + 1:]:
+            iou = (masks[c1] & masks[c2]).sum() / (masks[c1] | masks[c2]).sum()
+            assert iou < 0.85, (c1, c2, iou)
+
+
+def test_captions_name_objects_and_colours():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        s = world.sample_scene(rng, harmful_p=0.5)
+        full = world.caption(s, full=True)
+        for o in s.objects:
+            assert o.colour in full and o.name in full and o.name in world.CLASS_NAMES[o.cls]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from toyworld import models
+
+    for kind in ("unet", "clip", "vae", "oracle"):
+        if not models.weights_path(kind).is_file():
+            pytest.fail(f"bundled toy-world weights missing: {models.weights_path(kind)} (run make toy-train)")
+    return models
+
+
+def test_demo_loader_gives_objects_core_nodes_accept(bundle, pack, run_prompt):
+    """HGRDemoModelLoader -> CLIPTextEncode -> KSampler -> VAEDecode, and SamplerCustomAdvanced with the
+    SafeCFG guider, through ComfyUI's executor."""
+    g = {
+        "1": {"class_type": "HGRDemoModelLoader", "inputs": {}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red star on dots", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 1, "steps": 4, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+        "8": {"class_type": "HGRConceptRedirector", "inputs": {"clip": ["1", 1], "concepts": "weapon: knife",
+                                                               "threshold": 0.2, "push": 0.0, "mode": "global"}},
+        "9": {"class_type": "HGRSafeCFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0],
+                                                           "negative": ["3", 0], "hgr": ["8", 0], "cfg": 5.0,
+                                                           "strength": 1.0, "start_percent": 0.0,
+                                                           "end_percent": 1.0}},
+        "10": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "11": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 4,
+                                                          "denoise": 1.0}},
+        "12": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "13": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["12", 0], "guider": ["9", 0],
+                                                                 "sampler": ["10", 0], "sigmas": ["11", 0],
+                                                                 "latent_image": ["4", 0]}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["1", 2]}},
+        "15": {"class_type": "PreviewImage", "inputs": {"images": ["14", 0]}},
+    }
+    out = run_prompt(g)
+    assert len(out["7"]["images"]) == 2 and len(out["15"]["images"]) == 2
+
+
+def test_bundled_vae_reconstructs_and_oracle_reads_generator_images(bundle):
+    import torch
+
+    from toyworld.models import load_sd, load_vae, weights_path
+    from toyworld.oracle import Oracle, classify
+
+    imgs, scenes = world.batch(4242, 64, harmful_p=0.3, two_p=0.0)
+    x = torch.from_numpy(imgs)
+    vae = load_vae()
+    lat = vae.encode(x)
+    assert lat.shape == (64, 4, 8, 8)
+    rec = vae.decode(lat).float()
+    assert (rec - x).abs().mean() < 0.08
+    oracle = Oracle()
+    oracle.load_state_dict(load_sd(weights_path("oracle")))
+    out = classify(oracle, x)
+    acc = np.mean([int(out["presence"][i].argmax()) == world.CLASSES.index(s.objects[0].cls)
+                   for i, s in enumerate(scenes)])
+    assert acc >= 0.9
+    assert bool((out["harmful"] == torch.tensor([s.harmful for s in scenes])).float().mean() >= 0.9)
