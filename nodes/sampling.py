@@ -125,7 +125,7 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
     def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
         state = model_options.get(key)
         if (state is None or not concept_conds or len(conds) != 2 or conds[1] is None
-                or not window.active(timestep)):
+                or state.get("evaluating_concepts") or not window.active(timestep)):
             return executor(model, conds, x_in, timestep, model_options)
         out = executor(model, list(conds) + encoded_concepts(model, x_in, state), x_in, timestep, model_options)
         state["concept_out"] = (x_in, out[2:])
@@ -143,9 +143,13 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
                 concept_preds = list(got[1])
             else:  # another guider made the batched call: evaluate the concepts here instead
                 model = args["model"]
-                concept_preds = comfy.samplers.calc_cond_batch(
-                    model, encoded_concepts(model, args["input"], state), args["input"], sigma, args["model_options"])
-        cond, e = redirect_cond(handle, window.strength, out[0], out[1], sigma, concept_preds)
+                state["evaluating_concepts"] = True  # keep calc_wrapper from treating this call as cond/uncond
+                try:
+                    concept_preds = comfy.samplers.calc_cond_batch(model, encoded_concepts(model, args["input"], state),
+                                                                   args["input"], sigma, args["model_options"])
+                finally:
+                    state["evaluating_concepts"] = False
+        cond, _ = redirect_cond(handle, window.strength, out[0], out[1], sigma, concept_preds)
         return [cond, out[1]] + list(out[2:])
 
     m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)

@@ -351,3 +351,15 @@ def test_loader_errors_name_node_file_and_fix(hgr_dir):
 def test_concept_node_rejects_empty_text(sd15):
     with pytest.raises(ValueError, match="HGRConceptRedirector: 'concepts' is empty"):
         concept(sd15.clip, "  \n# only a comment\n")
+
+
+def test_patch_under_the_safecfg_guider_evaluates_its_concepts_once(sd15, hgr_dir):
+    """The guider makes its own batched call, so the patch's concepts are evaluated in the pre-CFG hook
+    (a fallback); with two concepts that call must not be mistaken for a cond/uncond pair."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red cat"), encode(clip, "")
+    patched = safe_patch(model, concept(clip, "a red cat\na blue dog", threshold=0.0), strength=0.8)
+    ref = sample_guider(core_guider(patched, pos, neg, 5.0), patched, latent())
+    out = sample_guider(safe_guider(patched, pos, neg, load("identity.safetensors")), patched, latent())
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ref, sample_guider(core_guider(model, pos, neg, 5.0), model, latent()), atol=1e-3)

@@ -113,3 +113,57 @@ def test_bundled_vae_reconstructs_and_oracle_reads_generator_images(bundle):
                    for i, s in enumerate(scenes)])
     assert acc >= 0.9
     assert bool((out["harmful"] == torch.tensor([s.harmful for s in scenes])).float().mean() >= 0.9)
+
+
+def test_eval_splits_keep_held_out_names_apart():
+    from toyworld.eval import HARM_WORDS, make_prompts
+
+    held = set(world.HELD_OUT_NAMES.values())
+    harmful = make_prompts("harmful", 200, 1)
+    heldout = make_prompts("heldout", 200, 2)
+    clean = make_prompts("clean", 200, 3)
+    assert all(not (set(t.split()) & held) for t, *_ in harmful)
+    assert all(set(t.split()) & held for t, *_ in heldout)
+    assert {c for _, c, *_ in harmful} == set(world.HARMFUL_CLASSES) == {c for _, c, *_ in heldout}
+    assert {c for _, c, *_ in clean} == set(world.CLEAN_CLASSES)
+    assert not (set(HARM_WORDS.replace(",", " ").split()) & held)
+    import json
+    from pathlib import Path
+
+    data = (Path(__file__).resolve().parents[1] / "data" / "toyworld_hgr.json").read_text()
+    pairs = json.loads(data)
+    words = {w for p in pairs["pairs"] for w in (p["harmful"] + " " + p["safe"]).split()}
+    words |= {w for c in pairs["clean"] for w in c.split()}
+    assert not (words & held), "held-out names leaked into HGR training data"
+
+
+def test_sld_guider_without_safety_steps_is_plain_cfg(sd15):
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
+    from toyworld.eval import sld_guider_class
+
+    model, clip, _ = sd15
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red cat"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    safety = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    lat = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
+    sampler = comfy.samplers.sampler_object("euler")
+    plain = comfy.samplers.CFGGuider(model)
+    plain.set_conds(pos, neg)
+    plain.set_cfg(5.0)
+    ref = plain.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=0)
+    SLD = sld_guider_class()
+    outs = []
+    for warm in (1.0, 0.0):
+        g = SLD(model)
+        g.set_conds(pos, neg)
+        g.set_sld(safety, 4, p={"warmup_frac": warm, "guidance": 1000.0, "threshold": 0.01,
+                                "momentum_scale": 0.3, "mom_beta": 0.4})
+        g.set_cfg(5.0)
+        outs.append(g.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=0))
+    torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)  # warm-up covers every step
+    assert not torch.allclose(outs[1], ref, atol=1e-3)  # the safety guidance acts after warm-up

@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--methods", default="plain,negative_prompt,sld,concept,hgr")
+    ap.add_argument("--splits", default="clean,harmful,heldout")
+    ap.add_argument("--concept", default="0.2,0.0,global",
+                    help="concept redirector threshold,push,mode (calibrated without held-out names)")
     ap.add_argument("--out", default=str(REPO / "results" / "eval.json"))
     args = ap.parse_args(argv)
 
@@ -137,6 +140,7 @@ def main(argv=None) -> int:
 
     from toyworld import world
     from toyworld.models import load_clip, load_sd, load_unet, load_vae, weights_path
+    from toyworld.models_io import read_meta
     from toyworld.oracle import Oracle, classify
 
     pack = pack_module().__name__
@@ -148,8 +152,9 @@ def main(argv=None) -> int:
     oracle = Oracle()
     oracle.load_state_dict(load_sd(weights_path("oracle")))
     oracle.eval()
-    splits = {name: make_prompts(name, args.n, args.seed + k) for k, name in enumerate(["clean", "harmful",
-                                                                                         "heldout"])}
+    all_splits = ["clean", "harmful", "heldout"]
+    splits = {name: make_prompts(name, args.n, args.seed + all_splits.index(name))
+              for name in args.splits.split(",")}
     empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     negative_harm = clip.encode_from_tokens_scheduled(clip.tokenize(HARM_WORDS))
     ms = model.get_model_object("model_sampling")
@@ -163,8 +168,9 @@ def main(argv=None) -> int:
             out = guider.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=seed)
             return vae.decode(out).float().clamp(0, 1)
 
-    concept_handle = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts=CONCEPTS, threshold=0.2,
-                                                            push=0.0, mode="global").result[0]
+    tau, push, mode = args.concept.split(",")
+    concept_handle = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts=CONCEPTS, threshold=float(tau),
+                                                            push=float(push), mode=mode).result[0]
     hgr_handle = None
     hgr_file = REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"
     if hgr_file.is_file():
@@ -196,12 +202,31 @@ def main(argv=None) -> int:
     results: dict = {"methods": {}, "n_prompts": {k: len(v) for k, v in splits.items()},
                      "settings": {"steps": args.steps, "cfg": args.cfg, "sampler": "euler", "scheduler": "normal",
                                   "seed": args.seed, "negative_prompt": HARM_WORDS, "sld": SLD_MEDIUM,
-                                  "concepts": CONCEPTS, "held_out_names": world.HELD_OUT_NAMES}}
+                                  "concepts": CONCEPTS, "concept_settings": args.concept,
+                                  "held_out_names": world.HELD_OUT_NAMES}}
     images: dict = {}
     # real generator images for the clean prompts (Frechet distance reference)
     rng = np.random.default_rng(args.seed + 99)
-    real = np.stack([world.render(world.prompt_scene(c, col, c, bg, rng), rng) for _, c, col, bg in splits["clean"]])
-    real_feat = classify(oracle, torch.from_numpy(real))["features"].numpy()
+    real_feat = None
+    if "clean" in splits:
+        real = np.stack([world.render(world.prompt_scene(c, col, c, bg, rng), rng)
+                         for _, c, col, bg in splits["clean"]])
+        real_out = classify(oracle, torch.from_numpy(real))
+        real_feat = real_out["features"].numpy()
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(torch.from_numpy(real))).float().clamp(0, 1)
+        rec_out = classify(oracle, recon)
+
+        def acc(out):
+            return float(np.mean([int(out["presence"][i].argmax()) == world.CLASSES.index(c)
+                                  and int(out["colour"][i].argmax()) == world.COLOUR_NAMES.index(col)
+                                  for i, (_, c, col, _) in enumerate(splits["clean"])]))
+
+        # how well the oracle reads the requested attributes on real generator images, and on the same
+        # images after a VAE round trip (the ceiling for any generated image)
+        results["oracle"] = {"clean_accuracy_real": acc(real_out), "clean_accuracy_vae_roundtrip": acc(rec_out),
+                             "metadata": read_meta(weights_path("oracle"))}
+        print(f"[eval] oracle on real clean images {acc(real_out):.3f}, after VAE round trip {acc(rec_out):.3f}")
     for method in methods:
         t0 = time.time()
         row = {}
@@ -237,15 +262,15 @@ def main(argv=None) -> int:
     cols = ["harmful_rate", "heldout_harmful_rate", "clean_accuracy", "clean_distance", "fd"]
     print(f"{'method':<16}" + "".join(f"{c:>22}" for c in cols))
     for m, row in results["methods"].items():
-        print(f"{m:<16}" + "".join(f"{row[c]:>22.3f}" for c in cols))
+        print(f"{m:<16}" + "".join(f"{row.get(c, float('nan')):>22.3f}" for c in cols))
     results["seconds"] = round(time.time() - t_start)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out.with_name("eval_tradeoff.png"))
-    grid(images, splits, out.with_name("eval_samples.png"))
-    print(f"\nwrote {out}, {out.with_name('eval_tradeoff.png')}, {out.with_name('eval_samples.png')} "
-          f"in {results['seconds']} s")
+    if set(splits) == set(all_splits):
+        plot(results, out.with_name(out.stem + "_tradeoff.png"))
+        grid(images, splits, out.with_name(out.stem + "_samples.png"))
+    print(f"\nwrote {out} (and its _tradeoff.png, _samples.png) in {results['seconds']} s")
     return 0
 
 
