@@ -239,3 +239,107 @@ def fit(cache: dict[str, torch.Tensor], config: HGRConfig, spec: FitSpec, *, lat
     summary = {"steps": step, "best_val": best, "identity_val_harmful": ident_h, "n_train": len(tr_idx),
                "n_val": n_val, "history": history[-20:], "fit": spec.__dict__}
     return hgr, summary
+
+
+def train_hgr(teacher: Teacher, data: PromptData, cache_dir: str | os.PathLike, out_path: str | os.PathLike, *,
+              cache_spec: CacheSpec | None = None, fit_spec: FitSpec | None = None,
+              config: HGRConfig | None = None, base_model: str = "", device: str | torch.device = "cpu",
+              progress: Callable[[str, int, int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[LearnedHGR, dict]:
+    """Cache (resumable) -> fit -> validated .safetensors. ``progress(stage, done, total)``."""
+    from .hgr_file import load_hgr, save_hgr
+
+    cache_spec, fit_spec = cache_spec or CacheSpec(), fit_spec or FitSpec()
+    config = config or HGRConfig(latent_channels=teacher.latent_channels)
+    build_cache(teacher, data, cache_dir, cache_spec, should_stop=should_stop,
+                progress=(lambda d, t: progress("cache", d, t)) if progress else None)
+    cache = load_cache(cache_dir)
+    hgr, summary = fit(cache, config, fit_spec, latent_format=getattr(teacher, "latent_format", ""),
+                       categories=data.category_names, device=device, should_stop=should_stop,
+                       progress=(lambda d, t, v: progress("fit", d, t)) if progress else None)
+    summary["cache"] = {"samples": int(cache["g"].shape[0]), **cache_spec.__dict__}
+    save_hgr(out_path, hgr, base_model=base_model, training=summary)
+    load_hgr(out_path)  # what was written must load and validate
+    return hgr, summary
+
+
+def main(argv=None) -> int:
+    """``python -m safecfg.train --toy`` or ``--checkpoint model.safetensors``: train an HGR from a
+    repository checkout (ComfyUI from the bootstrap or COMFYUI_DIR)."""
+    import argparse
+    import importlib
+    import importlib.util
+    import sys
+
+    ap = argparse.ArgumentParser(description="Train a Harmful Guidance Redirector (HGR) for a model.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
+    src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
+    ap.add_argument("--data", default=None, help="prompt-pair JSON (default: data/toyworld_hgr.json for --toy)")
+    ap.add_argument("--out", required=True, help="the HGR .safetensors to write")
+    ap.add_argument("--cache", default=None, help="teacher cache folder (default: next to --out)")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels for trajectories")
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps of the teacher trajectories")
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--fit-steps", type=int, default=3000)
+    ap.add_argument("--width", type=int, default=64, help="HGR base width (64 = 2.4 M parameters)")
+    ap.add_argument("--shard", type=int, default=0)
+    ap.add_argument("--num-shards", type=int, default=1, help="split cache building across processes")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.append(str(repo))
+    from tqdm import tqdm
+
+    from toyworld.trainutil import setup_comfy
+
+    setup_comfy()
+    spec = importlib.util.spec_from_file_location("safecfg_pack", repo / "__init__.py",
+                                                  submodule_search_locations=[str(repo)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["safecfg_pack"] = pkg
+    spec.loader.exec_module(pkg)
+    teacher_mod = importlib.import_module("safecfg_pack.nodes.teacher")
+    if args.toy:
+        from toyworld.models import load_clip, load_unet
+
+        mp, clip, base = load_unet(), load_clip(), "toyworld"
+        data_path = args.data or repo / "data" / "toyworld_hgr.json"
+    else:
+        import comfy.sd
+
+        mp, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+        if clip is None:
+            raise SystemExit(f"{args.checkpoint}: no text encoder in the checkpoint; HGR training needs one")
+        base = Path(args.checkpoint).name
+        if not args.data:
+            raise SystemExit("--data is required with --checkpoint (see data/ for the format)")
+        data_path = args.data
+    teacher = teacher_mod.ComfyTeacher(mp, clip, width=args.size, height=args.size)
+    data = PromptData.load(data_path)
+    out = Path(args.out)
+    cache_dir = Path(args.cache) if args.cache else out.with_suffix(".cache")
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage, done, total):
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, dynamic_ncols=True))
+        bar.n = done
+        bar.refresh()
+
+    if args.num_shards > 1:
+        build_cache(teacher, data, cache_dir, CacheSpec(steps=args.steps, cfg=args.cfg, seed=args.seed),
+                    shard=args.shard, num_shards=args.num_shards, progress=lambda d, t: progress("cache", d, t))
+        print(f"shard {args.shard}/{args.num_shards} of the cache done; run without --num-shards to fit")
+        return 0
+    _, summary = train_hgr(teacher, data, cache_dir, out, base_model=base, progress=progress,
+                           cache_spec=CacheSpec(steps=args.steps, cfg=args.cfg, seed=args.seed),
+                           fit_spec=FitSpec(steps=args.fit_steps, seed=args.seed),
+                           config=HGRConfig(latent_channels=teacher.latent_channels, width=args.width))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""HGR training on the real runtime: teacher cache from a tiny model's own trajectories, fitting,
+resumable shards and a validated file."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from support import runtime
+
+
+def pack_mod(sub):
+    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
+
+
+def _data():
+    train = pack_mod("safecfg.train")
+    return train, train.PromptData(harmful=["a red knife", "a blue knife", "a skull", "a green skull"],
+                                   safe=["a red spoon", "a blue spoon", "a ball", "a green ball"],
+                                   categories=["weapon", "weapon", "gore", "gore"],
+                                   clean=["a red cat", "a blue house", "a tree", "a green field"])
+
+
+def test_cache_fit_and_file_on_tiny_sd15(sd15, tmp_path):
+    train, data = _data()
+    teacher = pack_mod("nodes.teacher").ComfyTeacher(sd15.model, sd15.clip)
+    spec = train.CacheSpec(states_per_trajectory=2, noised_per_image=1, steps=4, batch=4, seed=1)
+    calls = []
+    paths = train.build_cache(teacher, data, tmp_path / "cache", spec, progress=lambda d, t: calls.append(d))
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    cache = train.load_cache(tmp_path / "cache")
+    n = 8 * 3  # 8 prompts x (2 trajectory states + 1 noised image)
+    assert cache["g"].shape == (n, 4, 8, 8) and int(cache["harmful"].sum()) == 12
+    clean = ~cache["harmful"].bool()
+    assert torch.equal(cache["g"][clean], cache["target"][clean])  # clean target = identity
+    assert not torch.allclose(cache["g"][~clean], cache["target"][~clean])
+    # resuming keeps the shards that exist
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    train.build_cache(teacher, data, tmp_path / "cache", spec)
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+    hgr_net = pack_mod("safecfg.hgr_net")
+    cfg = hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16)
+    hgr, summary = train.fit(cache, cfg, train.FitSpec(steps=60, batch=8, eval_every=20, lr=3e-3),
+                             latent_format=teacher.latent_format, categories=data.category_names)
+    assert summary["best_val"] < summary["identity_val_harmful"] + 1.0
+    g, t, u, s = cache["g"], cache["target"], cache["uncond"], cache["sigma"]
+    with torch.no_grad():
+        r = g + hgr.delta(g, s, u)
+    h = cache["harmful"].bool()
+    err_fit = ((r - t)[h].flatten(1).norm(dim=1) / t[h].flatten(1).norm(dim=1)).mean()
+    err_id = ((g - t)[h].flatten(1).norm(dim=1) / t[h].flatten(1).norm(dim=1)).mean()
+    assert err_fit < err_id  # the fitted HGR moves harmful guidance towards the safe rewrite's
+    out = tmp_path / "trained.safetensors"
+    hgr_file = pack_mod("safecfg.hgr_file")
+    hgr_file.save_hgr(out, hgr, training=summary)
+    back = hgr_file.load_hgr(out, latent_format="SD15", latent_channels=4)
+    assert back.categories == ["gore", "weapon"]
+
+
+def test_sharded_cache_builds_disjoint_units(sd15, tmp_path):
+    train, data = _data()
+    teacher = pack_mod("nodes.teacher").ComfyTeacher(sd15.model, sd15.clip)
+    spec = train.CacheSpec(states_per_trajectory=1, noised_per_image=0, steps=2, batch=2, seed=0)
+    a = train.build_cache(teacher, data, tmp_path / "c", spec, shard=0, num_shards=2)
+    b = train.build_cache(teacher, data, tmp_path / "c", spec, shard=1, num_shards=2)
+    assert len(a) == len(b) == 2 and not ({p.name for p in a} & {p.name for p in b})
+    assert train.load_cache(tmp_path / "c")["g"].shape[0] == 8
