@@ -172,7 +172,17 @@ def fit(cache: dict[str, torch.Tensor], config: HGRConfig, spec: FitSpec, *, lat
         categories: list[str] | None = None, device: str | torch.device = "cpu",
         progress: Callable[[int, int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None) -> tuple[LearnedHGR, dict]:
-    """Fit an HGR to a teacher cache. Returns the best (validation) HGR and a training summary."""
+    """Fit an HGR to a teacher cache. Returns the best (validation) HGR and a training summary.
+
+    Works inside ComfyUI's node execution, which runs in inference mode: gradients are re-enabled here.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        cache = {k: v.clone() if v.is_inference() else v for k, v in cache.items()}
+        return _fit(cache, config, spec, latent_format=latent_format, categories=categories, device=device,
+                    progress=progress, should_stop=should_stop)
+
+
+def _fit(cache, config, spec, *, latent_format, categories, device, progress, should_stop):
     torch.manual_seed(spec.seed)
     n = cache["g"].shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed))

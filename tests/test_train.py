@@ -65,3 +65,33 @@ def test_sharded_cache_builds_disjoint_units(sd15, tmp_path):
     b = train.build_cache(teacher, data, tmp_path / "c", spec, shard=1, num_shards=2)
     assert len(a) == len(b) == 2 and not ({p.name for p in a} & {p.name for p in b})
     assert train.load_cache(tmp_path / "c")["g"].shape[0] == 8
+
+
+def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
+    import json
+
+    import folder_paths
+
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps({"pairs": [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
+                                          {"harmful": "a skull", "safe": "a ball", "category": "gore"}],
+                                "clean": ["a red cat", "a tree"]}))
+    out_dir = tmp_path / "hgr"
+    out_dir.mkdir()
+    folder_paths.add_model_folder_path("hgr", str(out_dir), is_default=True)
+    g = {"1": {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
+         "2": {"class_type": "HGRTrain", "inputs": {"model": ["1", 0], "clip": ["1", 1], "data": str(data),
+                                                    "filename": "tiny_test", "image_size": 64, "fit_steps": 20,
+                                                    "seed": 0}}}
+    out = run_prompt(g)
+    assert "tiny_test.safetensors" in out["2"]["text"][0]
+    f = out_dir / "tiny_test.safetensors"
+    hgr = pack_mod("safecfg.hgr_file").load_hgr(f, latent_format="SD15", latent_channels=4)
+    assert hgr.categories == ["gore", "weapon"]
+    assert (out_dir / ".tiny_test.cache").is_dir()
+    bad = dict(g)
+    bad["2"] = {**g["2"], "inputs": {**g["2"]["inputs"], "data": str(tmp_path / "missing.json")}}
+    import pytest
+
+    with pytest.raises(runtime.PromptExecutionError, match="HGRTrain: cannot read prompt data"):
+        run_prompt(bad)

@@ -1,0 +1,87 @@
+"""Training from the graph: an HGR for the MODEL and CLIP in the graph, written into models/hgr/."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..safecfg.hgr_net import HGRConfig
+from ..safecfg.train import CacheSpec, FitSpec, PromptData, train_hgr
+from .hgr_nodes import FOLDER
+from .hgr_type import HGRHandle, HGRType
+from .teacher import ComfyTeacher
+
+CATEGORY = "SafeCFG"
+PACK_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+class HGRTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HGRTrain",
+            display_name="Train HGR",
+            category=CATEGORY,
+            description=("Trains a Harmful Guidance Redirector for the model in the graph from harmful/safe "
+                         "prompt pairs, and saves it in models/hgr/. The expensive part (the model's own "
+                         "guidance) is cached next to the file, so a cancelled run resumes."),
+            is_output_node=True,
+            not_idempotent=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the HGR will drive."),
+                io.Clip.Input("clip", tooltip="Its text encoder (encodes the training prompts)."),
+                io.String.Input("data", default="toyworld_hgr.json",
+                                tooltip="Prompt-pair JSON: a file in the pack's data/ folder or an absolute path. "
+                                        "Format: {\"pairs\": [{\"harmful\", \"safe\", \"category\"}], "
+                                        "\"clean\": [...]}."),
+                io.String.Input("filename", default="my_hgr",
+                                tooltip="Name of the HGR file written to models/hgr/ (.safetensors is added)."),
+                io.Int.Input("image_size", default=512, min=64, max=2048, step=64,
+                             tooltip="Image side for the teacher trajectories; the model's native size "
+                                     "(512 SD1.5, 1024 SDXL, 64 toy world)."),
+                io.Int.Input("fit_steps", default=3000, min=10, max=100000,
+                             tooltip="Optimiser steps for fitting (early stopping may end sooner). 2000-5000."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for trajectories and fitting."),
+            ],
+            outputs=[HGRType.Output(display_name="HGR", tooltip="The trained HGR, ready for the guider or patch.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, data, filename, image_size, fit_steps, seed) -> io.NodeOutput:
+        path = Path(data) if os.path.isabs(data) else PACK_DATA / data
+        try:
+            prompts = PromptData.load(path)
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"HGRTrain: cannot read prompt data '{path}': {e}. Give a JSON file in the pack's "
+                             "data/ folder or an absolute path.") from None
+        name = Path(filename).name.removesuffix(".safetensors")
+        if not name or name.startswith("."):
+            raise ValueError(f"HGRTrain: invalid filename {filename!r}; use a plain name such as 'my_hgr'.")
+        out_dir = Path(folder_paths.get_folder_paths(FOLDER)[0])
+        out = out_dir / f"{name}.safetensors"
+        teacher = ComfyTeacher(model, clip, width=image_size, height=image_size)
+        bar = comfy.utils.ProgressBar(100)
+
+        def progress(stage, done, total):
+            frac = done / max(1, total)
+            bar.update_absolute(int(70 * frac) if stage == "cache" else 70 + int(30 * frac), 100)
+
+        def should_stop():
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return False
+
+        hgr, summary = train_hgr(teacher, prompts, out_dir / f".{name}.cache", out,
+                                 base_model=type(model.model).__name__, progress=progress, should_stop=should_stop,
+                                 cache_spec=CacheSpec(seed=seed), fit_spec=FitSpec(steps=fit_steps, seed=seed),
+                                 config=HGRConfig(latent_channels=teacher.latent_channels),
+                                 device=comfy.model_management.get_torch_device())
+        handle = HGRHandle(hgr, name=out.name, latent_format=hgr.latent_format,
+                           latent_channels=hgr.config.latent_channels, categories=hgr.categories)
+        return io.NodeOutput(handle, ui={"text": [f"saved {out} ({summary['steps']} steps, best validation loss "
+                                                  f"{summary['best_val']:.4f})"]})
