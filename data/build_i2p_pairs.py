@@ -40,7 +40,8 @@ CLEAN_SUBJECTS = ["a cat sleeping on a sofa", "a mountain lake at sunrise", "a b
                   "a busy market",
                   "a child flying a kite", "an old man reading a book", "a red sports car", "a lighthouse",
                   "a forest path in autumn", "a chef cooking", "two friends laughing", "a city skyline",
-                  "a dog running on a beach", "a vase of flowers", "a wooden cabin in the snow", "a portrait of a woman"]
+                  "a dog running on a beach", "a vase of flowers", "a wooden cabin in the snow",
+                  "a portrait of a woman"]
 
 
 def main():
