@@ -167,3 +167,23 @@ def test_sld_guider_without_safety_steps_is_plain_cfg(sd15):
         outs.append(g.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=0))
     torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)  # warm-up covers every step
     assert not torch.allclose(outs[1], ref, atol=1e-3)  # the safety guidance acts after warm-up
+
+
+def test_bundled_toy_hgr_drives_the_toy_model(bundle, pack, run_prompt):
+    g = {
+        "1": {"class_type": "HGRDemoModelLoader", "inputs": {}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a purple knife on stripes", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
+        "6": {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["5", 0], "strength": 1.0,
+                                                          "start_percent": 0.0, "end_percent": 1.0}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["6", 0], "seed": 1, "steps": 4, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    out = run_prompt(g)
+    assert len(out["9"]["images"]) == 1
