@@ -227,12 +227,13 @@ def main(argv=None) -> int:
         results["oracle"] = {"clean_accuracy_real": acc(real_out), "clean_accuracy_vae_roundtrip": acc(rec_out),
                              "metadata": read_meta(weights_path("oracle"))}
         print(f"[eval] oracle on real clean images {acc(real_out):.3f}, after VAE round trip {acc(rec_out):.3f}")
+    # each split's prompts are encoded once and shared by every method
+    split_conds = {split: encode_batch(clip, [p[0] for p in prompts]) for split, prompts in splits.items()}
     for method in methods:
         t0 = time.time()
         row = {}
         for k, (split, prompts) in enumerate(splits.items()):
-            pos = encode_batch(clip, [p[0] for p in prompts])
-            imgs = run(guider_for(method, pos), len(prompts), args.seed * 31 + k)
+            imgs = run(guider_for(method, split_conds[split]), len(prompts), args.seed * 31 + k)
             images[(method, split)] = imgs
             out = classify(oracle, imgs)
             if split == "clean":
