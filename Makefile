@@ -4,7 +4,8 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test lint pytest bench demo eval toy-train toy-train-vae toy-train-oracle toy-train-unet clean-env
+.PHONY: bootstrap test lint pytest bench bench-train demo eval calibrate workflows toy-train toy-train-vae \
+	toy-train-oracle toy-train-unet clean-env
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -21,6 +22,14 @@ test: lint pytest
 
 bench: bootstrap
 	$(PY) -m benchmarks.bench_sampling --out results/bench.json
+
+# What training an HGR for SD1.5 at 512x512 costs, from counted FLOPs -> results/train_estimate.json
+bench-train: bootstrap
+	$(PY) -m benchmarks.estimate_training
+
+# UI-format workflows/*.json and their preview PNGs, through the real front end (headless Chromium)
+workflows: bootstrap
+	$(PY) scripts/build_workflows.py
 
 # The bundled toy-world model (weights/toyworld/), reproducible from seeds; every stage resumes
 # from .toytrain/ when interrupted. Measured on this 2-core CPU: VAE ~20 min, oracle ~5 min, UNet ~50 min.
@@ -42,6 +51,10 @@ demo: bootstrap
 # The toy-world benchmark of every method -> results/eval.json, results/eval_tradeoff.png
 eval: bootstrap
 	$(PY) -m toyworld.eval
+
+# Concept-redirector settings and detection threshold on a calibration split (no held-out names)
+calibrate: bootstrap
+	$(PY) -m toyworld.calibrate
 
 clean-env:
 	rm -rf .venv .comfyui

@@ -8,13 +8,14 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .demo_nodes import HGRDemoModelLoader
+from .detect_nodes import HGRHarmDetector, HGRHarmFilter
 from .guidance_nodes import HGRSafeCFGGuider, HGRSafeCFGPatch
 from .hgr_nodes import HGRConceptRedirector, HGRLoader, register_folder
 from .train_nodes import HGRTrain
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES: list[type[io.ComfyNode]] = [HGRLoader, HGRConceptRedirector, HGRSafeCFGGuider, HGRSafeCFGPatch,
-                                   HGRDemoModelLoader, HGRTrain]
+                                   HGRDemoModelLoader, HGRTrain, HGRHarmDetector, HGRHarmFilter]
 
 
 class SafeCFGExtension(ComfyExtension):

@@ -36,8 +36,11 @@ def _fail(path, problem: str, fix: str) -> HGRFileError:
 
 
 def save_hgr(path: str | os.PathLike, hgr: LearnedHGR, *, base_model: str = "",
-             training: dict | None = None) -> Path:
-    """Write ``hgr`` to ``path`` (atomically: a crash never leaves a half-written file)."""
+             training: dict | None = None, detection: dict | None = None) -> Path:
+    """Write ``hgr`` to ``path`` (atomically: a crash never leaves a half-written file).
+
+    ``detection`` (optional): the calibrated detector settings, e.g. ``{"threshold": 0.1}``; the
+    detector node uses its threshold when set to auto."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise _fail(path, "the name does not end in .safetensors", "Save HGR files as .safetensors")
@@ -51,6 +54,10 @@ def save_hgr(path: str | os.PathLike, hgr: LearnedHGR, *, base_model: str = "",
         "categories": json.dumps(hgr.categories),
         "training": json.dumps(training or {}, sort_keys=True, default=str),
     }
+    if detection is None and getattr(hgr, "detect_threshold", None) is not None:
+        detection = {"threshold": hgr.detect_threshold}
+    if detection:
+        meta["detection"] = json.dumps(detection, sort_keys=True, default=str)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hgr.net.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
@@ -184,7 +191,17 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
     hgr = LearnedHGR(net.to(device), latent_format=meta["latent_format"], categories=[str(c) for c in categories],
                      name=path.name)
     hgr.metadata = dict(meta, n_params=str(n_params))
+    hgr.detect_threshold = _detect_threshold(meta.get("detection"))
     return hgr
+
+
+def _detect_threshold(raw) -> float | None:
+    """The calibrated detection threshold in a file's metadata, or None when absent or unusable."""
+    try:
+        t = float(json.loads(raw)["threshold"]) if raw else None
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError):
+        return None
+    return t if t is not None and 0.0 < t < 100.0 else None
 
 
 def _count_params_bounded(path: Path, config: HGRConfig) -> int:

@@ -165,6 +165,8 @@ class LearnedHGR(Redirector):
         self.latent_format = latent_format
         self.categories = list(categories or [])
         self.name = name
+        self.names = [name]
+        self.detect_threshold: float | None = None  # calibrated detection threshold (file metadata)
 
     def delta(self, g: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         """The correction ``Delta`` in x0 space (float32), differentiable for training."""

@@ -78,5 +78,19 @@ if [ "$comfy" = "$BUNDLED_COMFY" ]; then
   mkdir -p "$comfy/custom_nodes"
   ln -sfn "$here" "$comfy/custom_nodes/comfyui-safecfg"
 fi
+# 4. Headless Chromium for the browser test (Debian package; Playwright drives it, no browser download).
+if [ -z "${SAFECFG_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo -n"
+    log "installing the Debian chromium package (headless browser for the front-end test)"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+  else
+    echo "[bootstrap] chromium is missing and apt-get is not available: install Chromium and set SAFECFG_CHROMIUM" >&2
+    exit 1
+  fi
+fi
+
 echo "$comfy" > "$VENV/comfyui-path"
 log "ready: python=$VENV/bin/python comfyui=$comfy"

@@ -95,3 +95,33 @@ def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
 
     with pytest.raises(runtime.PromptExecutionError, match="HGRTrain: cannot read prompt data"):
         run_prompt(bad)
+
+
+def test_training_end_to_end_on_tiny_sdxl(sdxl, tmp_path):
+    """The SDXL family (two text encoders, pooled output, size conditioning) trains and saves too."""
+    train, data = _data()
+    teacher = pack_mod("nodes.teacher").ComfyTeacher(sdxl.model, sdxl.clip)
+    assert teacher.latent_format == "SDXL"
+    spec = train.CacheSpec(states_per_trajectory=1, noised_per_image=1, steps=3, batch=8, seed=2)
+    train.build_cache(teacher, data, tmp_path / "cache", spec)
+    cache = train.load_cache(tmp_path / "cache")
+    assert cache["g"].shape == (16, 4, 8, 8) and torch.isfinite(cache["target"]).all()
+    h = cache["harmful"].bool()
+    assert not torch.allclose(cache["g"][h], cache["target"][h])
+    hgr_net = pack_mod("safecfg.hgr_net")
+    cfg = hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16)
+    hgr, summary = train.fit(cache, cfg, train.FitSpec(steps=40, batch=8, eval_every=20, lr=3e-3),
+                             latent_format=teacher.latent_format, categories=data.category_names)
+    out = tmp_path / "sdxl.safetensors"
+    hgr_file = pack_mod("safecfg.hgr_file")
+    hgr_file.save_hgr(out, hgr, training=summary)
+    back = hgr_file.load_hgr(out, latent_format="SDXL", latent_channels=4)
+    assert back.latent_format == "SDXL"
+    for a, b in zip(hgr.net.state_dict().values(), back.net.state_dict().values()):
+        assert torch.equal(a, b)
+    try:
+        hgr_file.load_hgr(out, latent_format="SD15", latent_channels=4)
+    except hgr_file.HGRFileError as e:
+        assert "SDXL" in str(e)
+    else:
+        raise AssertionError("an SDXL HGR loaded for an SD1.5 model")

@@ -1,6 +1,11 @@
 """Train the oracle classifier on the generator's ground truth (fresh images every step).
 
-    python -m toyworld.train_oracle [--steps 800 --batch 48]
+    python -m toyworld.train_oracle [--steps 2600 --batch 48 --vae-aug 0.5]
+
+The oracle judges *decoded* images, so part of every batch (``--vae-aug``) is drawn from a pool of
+``--pool`` generator images passed through the bundled toy VAE (encode, decode; built once and cached
+in .toytrain/): the labels stay the generator's ground truth, the pixels are what any generated
+image can look like at best. The rest is fresh images, sharp or box-blurred.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .trainutil import REPO, Every, load_state, log, save_state
+from .trainutil import REPO, Every, load_state, save_state, setup_comfy
 
 
 def blur_augment(x, step: int):
@@ -27,16 +32,52 @@ def blur_augment(x, step: int):
     return out
 
 
+def roundtrip_pool(vae, n: int, seed: int, path):
+    """``n`` generator images after a VAE round trip, (n, 3, 64, 64) fp16, and their scenes (cached)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    from . import world
+
+    scenes = []
+    for i in range(0, n, 100):
+        scenes += world.batch(seed * 9_000_011 + i, min(100, n - i), harmful_p=0.3, two_p=0.35)[1]
+    if path.is_file():
+        x = load_file(str(path))["images"]
+        if x.shape[0] == n:
+            return x, scenes
+    xs = []
+    for i in tqdm(range(0, n, 100), desc="VAE round trip pool"):
+        imgs, _ = world.batch(seed * 9_000_011 + i, min(100, n - i), harmful_p=0.3, two_p=0.35)
+        with torch.no_grad():
+            xs.append(vae.decode(vae.encode(torch.from_numpy(imgs))).float().clamp(0, 1).permute(0, 3, 1, 2).half())
+    x = torch.cat(xs).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": x}, str(path))
+    return x, scenes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=2600)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--state", default=str(REPO / ".toytrain" / "oracle_state.safetensors"))
     ap.add_argument("--out", default=str(REPO / "weights" / "toyworld" / "toy_oracle.safetensors"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--vae-aug", type=float, default=0.5,
+                    help="share of each batch passed through the VAE round trip (0 disables)")
+    ap.add_argument("--vae", default=None, help="VAE file for the round trip (default: the bundled toy VAE)")
+    ap.add_argument("--pool", type=int, default=4000, help="round-tripped images in the pool")
     args = ap.parse_args(argv)
+    vae = None
+    if args.vae_aug > 0:
+        setup_comfy()
+        from .models import load_vae
+
+        vae = load_vae(args.vae)
 
     import logging
 
@@ -49,6 +90,9 @@ def main(argv=None) -> int:
     from .oracle import Oracle, classify, targets
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    pool_x = pool_scenes = None
+    if vae is not None:
+        pool_x, pool_scenes = roundtrip_pool(vae, args.pool, args.seed, REPO / ".toytrain" / "oracle_pool.safetensors")
     torch.manual_seed(args.seed)
     net = Oracle()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -61,8 +105,13 @@ def main(argv=None) -> int:
         lr = args.lr * (1 - step / args.steps) + 1e-5
         for g in opt.param_groups:
             g["lr"] = lr
-        imgs, scenes = world.batch(args.seed * 7_000_001 + step, args.batch, harmful_p=0.3, two_p=0.35)
+        n_rt = int(round(args.vae_aug * args.batch)) if pool_x is not None else 0
+        imgs, scenes = world.batch(args.seed * 7_000_001 + step, args.batch - n_rt, harmful_p=0.3, two_p=0.35)
         x = blur_augment(torch.from_numpy(imgs).permute(0, 3, 1, 2), step)
+        if n_rt:
+            idx = torch.randint(0, pool_x.shape[0], (n_rt,), generator=torch.Generator().manual_seed(step))
+            x = torch.cat([x, pool_x[idx].float()])
+            scenes = list(scenes) + [pool_scenes[int(i)] for i in idx]
         pres, col = targets(scenes)
         lp, lc = net(x)
         loss = F.binary_cross_entropy_with_logits(lp, pres) + F.cross_entropy(lc, col)
@@ -90,10 +139,20 @@ def main(argv=None) -> int:
     out2 = classify(net, torch.from_numpy(imgs2))
     pres2, _ = targets(scenes2)
     multi = ((out2["presence"] > 0.5).float() == pres2).all(dim=1).float().mean().item()
-    metrics = {"object_accuracy": obj_ok / len(scenes), "colour_accuracy": col_ok / len(scenes),
+    rt_ok = None
+    if vae is not None:
+        with torch.no_grad():
+            rt = torch.cat([vae.decode(vae.encode(torch.from_numpy(imgs[i:i + 100]))).float().clamp(0, 1)
+                            for i in range(0, len(imgs), 100)])
+        out_rt = classify(net, rt)
+        rt_ok = sum(int(out_rt["presence"][i].argmax()) == world.CLASSES.index(s.objects[0].cls)
+                    and int(out_rt["colour"][i].argmax()) == world.COLOUR_NAMES.index(s.objects[0].colour)
+                    for i, s in enumerate(scenes)) / len(scenes)
+    metrics = {"object_accuracy": obj_ok / len(scenes), "vae_roundtrip_accuracy": rt_ok,
+               "colour_accuracy": col_ok / len(scenes),
                "harmful_recall": recall, "harmful_false_positive_rate": fpr, "two_object_exact": multi,
                "steps": step, "seconds": round(time.time() - t0)}
-    log.info("[oracle] %s", metrics)
+    print(f"[oracle] {metrics}", flush=True)
     save_weights(args.out, net.state_dict(), {"kind": "toyworld.oracle", **{k: str(v) for k, v in metrics.items()}},
                  half=False)
     return 0

@@ -1,0 +1,148 @@
+"""The example workflows, written once in API format; `make workflows` turns each into the UI-format
+JSON the front end loads (through the front end's own `loadApiJson` and `serialize`) and renders
+its preview PNG. Node ids are strings; links are ``[node_id, output_index]``.
+
+Workflows built on a user's checkpoint (``CheckpointLoaderSimple``) are run by the browser test with
+the bundled toy-world model put in its place (same outputs: MODEL, CLIP, VAE).
+"""
+
+from __future__ import annotations
+
+TOY_CONCEPTS = "weapon: knife, dagger, blade\ngore: skull, cranium, deathshead"
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+NEGATIVE = "blurry, low quality"
+SD_CONCEPTS = """sexual: nudity, naked body, explicit sexual content
+violence: blood, gore, bloody wounds, violence
+self-harm: self-harm, suicide, cutting
+hate: hateful symbols, harassment, degrading caricature"""
+
+
+def _ckpt():
+    return {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT},
+            "_meta": {"title": "Load Checkpoint (SD1.5)"}}
+
+
+def _concepts(clip):
+    return {"class_type": "HGRConceptRedirector",
+            "inputs": {"clip": clip, "concepts": SD_CONCEPTS, "threshold": 0.3, "push": 0.0, "mode": "global"},
+            "_meta": {"title": "SafeCFG concepts"}}
+
+
+def sd15_guider() -> dict:
+    return {
+        "1": _ckpt(),
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor fox in a snowy forest",
+                                                         "clip": ["1", 1]}, "_meta": {"title": "Prompt"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]},
+              "_meta": {"title": "Negative"}},
+        "4": _concepts(["1", 1]),
+        "5": {"class_type": "HGRSafeCFGGuider", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "hgr": ["4", 0], "cfg": 7.0,
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}},
+        "7": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 20,
+                                                         "denoise": 1.0}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "10": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["6", 0], "guider": ["5", 0], "sampler": ["7", 0], "sigmas": ["8", 0],
+            "latent_image": ["9", 0]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "safecfg_guider"}},
+    }
+
+
+def sd15_patch() -> dict:
+    return {
+        "1": _ckpt(),
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a portrait of a knight in a castle hall",
+                                                         "clip": ["1", 1]}, "_meta": {"title": "Prompt"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]},
+              "_meta": {"title": "Negative"}},
+        "4": _concepts(["1", 1]),
+        "5": {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["4", 0], "strength": 1.0,
+                                                          "start_percent": 0.0, "end_percent": 1.0}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "safecfg_patch"}},
+    }
+
+
+def toy_detect_filter() -> dict:
+    """Two toy prompts (harmful and clean), 3 images each, scored and filtered."""
+    g = {
+        "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red skull on stripes", "clip": ["1", 1]},
+              "_meta": {"title": "Prompt A"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue heart on dots", "clip": ["1", 1]},
+              "_meta": {"title": "Prompt B"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
+              "_meta": {"title": "Negative"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 3, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 3, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "ImageBatch", "inputs": {"image1": ["8", 0], "image2": ["9", 0]}},
+        "11": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
+        "12": {"class_type": "HGRHarmDetector", "inputs": {
+            "images": ["10", 0], "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "hgr": ["11", 0],
+            "threshold": 0.0, "noise_levels": 4, "seed": 0, "batch_size": 8}},
+        "13": {"class_type": "HGRHarmFilter", "inputs": {"images": ["10", 0], "detection": ["12", 0],
+                                                         "action": "blur", "strength": 8}},
+        "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 1], "filename_prefix": "safecfg_safe"}},
+        "15": {"class_type": "PreviewImage", "inputs": {"images": ["13", 2]}, "_meta": {"title": "Flagged"}},
+    }
+    return g
+
+
+def toy_train_hgr() -> dict:
+    return {
+        "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
+        "2": {"class_type": "HGRTrain", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "data": "toyworld_hgr.json", "filename": "my_toy_hgr",
+            "image_size": 64, "fit_steps": 2000, "seed": 0}},
+    }
+
+
+def toy_demo() -> dict:
+    """Plain CFG beside SafeCFG with the bundled learned HGR, on the toy model."""
+    return {
+        "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red knife on a light background",
+                                                         "clip": ["1", 1]}, "_meta": {"title": "Prompt"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
+              "_meta": {"title": "Negative"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 7, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0},
+            "_meta": {"title": "Plain CFG"}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}, "_meta": {"title": "Plain CFG"}},
+        "8": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
+        "9": {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["8", 0], "strength": 1.0,
+                                                          "start_percent": 0.0, "end_percent": 1.0}},
+        "10": {"class_type": "KSampler", "inputs": {
+            "model": ["9", 0], "seed": 7, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0},
+            "_meta": {"title": "SafeCFG (learned HGR)"}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "safecfg_toy_demo"}},
+    }
+
+
+WORKFLOWS = {
+    "sd15_safecfg_guider": sd15_guider,
+    "sd15_ksampler_safecfg_patch": sd15_patch,
+    "toy_detect_and_filter": toy_detect_filter,
+    "toy_train_hgr": toy_train_hgr,
+    "toy_demo": toy_demo,
+}
