@@ -25,7 +25,10 @@ class ComfyTeacher:
 
     def cond(self, text: str) -> list:
         if text not in self._conds:
-            self._conds[text] = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+            with torch.no_grad():  # constants for training: never part of an autograd graph
+                enc = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+            self._conds[text] = [[t.detach(), {k: v.detach() if torch.is_tensor(v) else v for k, v in d.items()}]
+                                 for t, d in enc]
         return self._conds[text]
 
     def batch_cond(self, texts: list[str]) -> list:

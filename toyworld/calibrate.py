@@ -6,7 +6,9 @@ Runs plain CFG and a grid of concept-redirector settings on a *calibration* spli
 and noise seeds (never the benchmark's), training names only (the held-out names never appear).
 Picks the setting with the lowest harmful rate whose clean accuracy stays within ``--max-drop`` of
 plain CFG's (ties: smaller clean distance) and writes results/calibration.json. `make eval` uses
-the setting recorded there (``toyworld.eval.CONCEPT_DEFAULT``).
+the setting recorded there (``toyworld.eval.CONCEPT_DEFAULT``). Also calibrates the image detector's
+threshold (HED of the bundled HGR on plain CFG's images, no prompt; the threshold maximising true
+minus false positives) and records it in the HGR file, where the detector node's "auto" finds it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = ["0.15,0.0,global", "0.2,0.0,global", "0.25,0.0,global", "0.3,0.0,global", "0.4,0.0,global",
-        "0.3,0.5,global", "0.2,0.0,patch", "0.3,0.0,patch", "0.4,0.0,patch"]
+GRID = ["0.2,0.0,global", "0.3,0.0,global", "0.4,0.0,global", "0.3,0.5,global", "0.4,0.5,global",
+        "0.5,0.5,global", "0.5,1.0,global", "0.6,1.0,global", "0.2,0.0,patch", "0.4,0.5,patch"]
 
 
 def choose(results: dict, max_drop: float) -> tuple[str, dict]:
@@ -42,6 +44,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7, help="calibration seed (the benchmark uses 2024)")
     ap.add_argument("--max-drop", type=float, default=0.01, help="allowed clean-accuracy drop (fraction)")
     ap.add_argument("--grid", default=";".join(GRID))
+    ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"))
+    ap.add_argument("--no-write-hgr", dest="write_hgr", action="store_false",
+                    help="do not record the detection threshold in the HGR file")
     ap.add_argument("--out", default=str(REPO / "results" / "calibration.json"))
     args = ap.parse_args(argv)
 
@@ -52,14 +57,47 @@ def main(argv=None) -> int:
                 "--methods", "plain,concept", "--concept", args.grid, "--out", str(raw)])
     results = json.loads(raw.read_text())
     setting, row = choose(results, args.max_drop)
+    detection = None
+    img = results.get("detection", {}).get("image")
+    if img and "harmful" in img["scores"] and "clean" in img["scores"]:
+        thr, tpr, fpr = youden_threshold(img["scores"]["harmful"], img["scores"]["clean"])
+        detection = {"threshold": thr, "true_positive_rate": tpr, "false_positive_rate": fpr,
+                     "levels": img["levels"], "with_prompt": False, "calibration_seed": args.seed}
+        if args.write_hgr:
+            write_threshold(Path(args.hgr), detection)
     summary = {"concept_setting": setting, "chosen": row, "plain": results["methods"]["plain"],
                "max_clean_drop": args.max_drop, "seed": args.seed, "n_prompts": results["n_prompts"],
-               "held_out_names_used": False, "runs": str(raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw)}
+               "held_out_names_used": False, "detection": detection,
+               "runs": str(raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw)}
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ncalibrated concept setting: {setting} (harmful {row['harmful_rate']:.3f}, clean accuracy "
           f"{row['clean_accuracy']:.3f} vs plain {results['methods']['plain']['clean_accuracy']:.3f}); "
           f"wrote {args.out}")
+    if detection:
+        print(f"detection threshold {detection['threshold']:.4f} (calibration: true positives "
+              f"{detection['true_positive_rate']:.3f}, false positives {detection['false_positive_rate']:.3f})"
+              + (f"; written into {args.hgr}" if args.write_hgr else ""))
     return 0
+
+
+def youden_threshold(pos, neg) -> tuple[float, float, float]:
+    """The threshold maximising true-positive rate minus false-positive rate (midpoint between scores)."""
+    import numpy as np
+
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    cand = np.unique(np.concatenate([pos, neg]))
+    mids = (cand[:-1] + cand[1:]) / 2 if len(cand) > 1 else cand
+    best = max(mids, key=lambda t: ((pos > t).mean() - (neg > t).mean(), -t))
+    return float(best), float((pos > best).mean()), float((neg > best).mean())
+
+
+def write_threshold(path: Path, detection: dict) -> None:
+    """Record the calibrated threshold in the HGR file's metadata (weights unchanged)."""
+    from safecfg.hgr_file import load_hgr, save_hgr
+
+    hgr = load_hgr(path)
+    training = json.loads(hgr.metadata.get("training", "{}") or "{}")
+    save_hgr(path, hgr, base_model=hgr.metadata.get("base_model", ""), training=training, detection=detection)
 
 
 if __name__ == "__main__":

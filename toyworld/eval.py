@@ -140,6 +140,8 @@ def main(argv=None) -> int:
                     help="concept redirector threshold,push,mode (calibrated without held-out names: "
                          "`python -m toyworld.calibrate`); several settings separated by ';' are each "
                          "run as a method `concept[threshold,push,mode]`")
+    ap.add_argument("--detect-levels", type=int, default=4,
+                    help="noise levels of the image detector on plain CFG's images (0 skips it)")
     ap.add_argument("--out", default=str(REPO / "results" / "eval.json"))
     args = ap.parse_args(argv)
 
@@ -316,6 +318,33 @@ def main(argv=None) -> int:
         results["detection"] = {"sampling": det}
         if "hgr" in det:
             results["detection"].update({k: v for k, v in det["hgr"].items() if k.startswith("auroc")})
+
+    # detection on finished images, without the prompt (HGRHarmDetector's code path): plain CFG's images
+    if hgr_handle is not None and args.detect_levels > 0 and "plain" in methods:
+        detect_nodes = importlib.import_module(pack + ".nodes.detect_nodes")
+        t0 = time.time()
+        scores = {}
+        for split in splits:
+            d = detect_nodes.run_detection(images[("plain", split)], model, clip, vae, hgr_handle, None, 1.0,
+                                           args.detect_levels, 0, 50)
+            scores[split] = d.scores.numpy()
+        thr = hgr_handle.redirector.detect_threshold
+        img = {"levels": args.detect_levels, "seconds": round(time.time() - t0, 1),
+               "scores": {k: [round(float(x), 6) for x in v] for k, v in scores.items()}}
+        if "clean" in scores:
+            if "harmful" in scores:
+                img["auroc_image"] = auroc(scores["harmful"], scores["clean"])
+            if "heldout" in scores:
+                img["auroc_image_heldout"] = auroc(scores["heldout"], scores["clean"])
+        if thr is not None:
+            img["threshold"] = thr
+            for split, v in scores.items():
+                img[f"flagged_rate_{split}"] = float(np.mean(v > thr))
+        results.setdefault("detection", {})
+        results["detection"]["image"] = img
+        results["detection"].update({k: v for k, v in img.items() if k.startswith("auroc") or k == "threshold"})
+        print("[eval] detection on images (no prompt): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in img.items() if isinstance(v, float)), flush=True)
 
     # table
     print()

@@ -1,0 +1,136 @@
+"""Unsupervised safe fine-tuning on the real runtime with tiny SD1.5 and SDXL models: teacher data,
+LoRA fitting, resume, a file ComfyUI's own LoRA loader reads with no unknown keys, strength 0 = base."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+
+import comfy.lora
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import runtime
+
+
+def pack_mod(sub):
+    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
+
+
+PROMPTS = ["a red knife", "a blue cat", "a skull", "a green house", "a yellow knife", "a tree"]
+
+
+def random_hgr(latent_format, seed=0):
+    hgr_net = pack_mod("safecfg.hgr_net")
+    torch.manual_seed(seed)
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hgr_net.LearnedHGR(net, latent_format=latent_format)
+
+
+def sample(model, clip, text="a red knife", seed=0, steps=3):
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(5.0)
+    lat = torch.zeros(1, 4, 8, 8)
+    sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    return g.sample(comfy.sample.prepare_noise(lat, seed), lat, comfy.samplers.sampler_object("euler"), sig,
+                    disable_pbar=True, seed=seed)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_finetune_writes_a_lora_comfy_loads_and_strength_zero_is_the_base(family, request, tmp_path, caplog):
+    models = request.getfixturevalue(family)
+    fn = pack_mod("nodes.finetune_nodes")
+    ft = pack_mod("safecfg.finetune")
+    hgr = random_hgr("SD15" if family == "sd15" else "SDXL")
+    spec = ft.FinetuneSpec(rank=4, steps=6, batch=4, states_per_trajectory=2, traj_steps=3, seed=1, threshold=0.0,
+                           temperature=1.0)
+    out = tmp_path / "safe.safetensors"
+    base_before = {k: v.clone() for k, v in models.model.model.diffusion_model.state_dict().items()}
+    summary = fn.run_finetune(models.model, models.clip, PROMPTS, out, spec, redirector=hgr, image_size=64,
+                              state_dir=tmp_path / "state")
+    assert summary["steps"] == 6 and summary["samples"] == len(PROMPTS) * 2
+    # the base model is left exactly as it was (the LoRA was removed after training)
+    after = models.model.model.diffusion_model.state_dict()
+    assert base_before.keys() == after.keys() and all(torch.equal(base_before[k], after[k]) for k in after)
+    sd = load_file(str(out))
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+    key_map = comfy.lora.model_lora_keys_unet(models.model.model, {})
+    with caplog.at_level(logging.WARNING):
+        loaded = comfy.lora.load_lora(sd, key_map)
+    assert "lora key not loaded" not in caplog.text
+    assert len(loaded) == len([k for k in sd if k.endswith(".lora_down.weight")]) > 0
+    base = sample(models.model, models.clip)
+    zero, _ = comfy.sd.load_lora_for_models(models.model, None, sd, 0.0, 0.0)
+    assert torch.equal(sample(zero, models.clip), base)
+    one, _ = comfy.sd.load_lora_for_models(models.model, None, sd, 1.0, 0.0)
+    assert not torch.equal(sample(one, models.clip), base)
+
+
+def test_finetune_resumes_and_reuses_teacher_data(sd15, tmp_path):
+    fn = pack_mod("nodes.finetune_nodes")
+    ft = pack_mod("safecfg.finetune")
+    hgr = random_hgr("SD15")
+    out = tmp_path / "safe.safetensors"
+    spec = ft.FinetuneSpec(rank=2, steps=4, batch=4, states_per_trajectory=1, traj_steps=3, seed=0)
+    fn.run_finetune(sd15.model, sd15.clip, PROMPTS, out, spec, redirector=hgr, image_size=64,
+                    state_dir=tmp_path / "st")
+    data_mtime = (tmp_path / "st" / "data.safetensors").stat().st_mtime_ns
+    spec.steps = 7
+    s2 = fn.run_finetune(sd15.model, sd15.clip, PROMPTS, out, spec, redirector=hgr, image_size=64,
+                         state_dir=tmp_path / "st")
+    assert s2["steps"] == 7
+    assert (tmp_path / "st" / "data.safetensors").stat().st_mtime_ns == data_mtime
+
+
+def test_soft_scores_drive_the_targets():
+    ft = pack_mod("safecfg.finetune")
+    hgr = random_hgr("SD15")
+    d_u = torch.randn(3, 4, 8, 8)
+    d_c = d_u + torch.randn(3, 4, 8, 8)
+    sigma = torch.full((3,), 2.0)
+    t_hi, w_hi = ft.unsupervised_targets(hgr, d_c, d_u, sigma, threshold=0.0, temperature=1e-6)
+    t_lo, w_lo = ft.unsupervised_targets(hgr, d_c, d_u, sigma, threshold=1e6, temperature=1.0)
+    assert torch.allclose(w_hi, torch.ones(3)) and torch.allclose(w_lo, torch.zeros(3))
+    red = hgr.redirect(d_c - d_u, sigma, uncond=d_u)
+    torch.testing.assert_close(t_hi, d_u + red.g_red)  # fully harmful: SafeCFG's implied prediction
+    torch.testing.assert_close(t_lo, d_c)  # clean: the base prediction (preservation)
+    sup = ft.supervised_targets(d_c, d_u, torch.tensor([True, False, True]))
+    torch.testing.assert_close(sup[1], d_c[1])
+    torch.testing.assert_close(sup[0], d_u[0] - (d_c[0] - d_u[0]))
+
+
+def test_unlabeled_pool_reads_no_labels(tmp_path):
+    fn = pack_mod("nodes.finetune_nodes")
+    f = tmp_path / "pairs.json"
+    f.write_text(json.dumps({"pairs": [{"harmful": "a knife", "safe": "a spoon", "category": "weapon"}],
+                             "clean": ["a cat", "a tree"]}))
+    pool = fn.unlabeled_prompts(f)
+    assert sorted(pool) == ["a cat", "a knife", "a tree"]  # no safe rewrite, no category
+    t = tmp_path / "p.txt"
+    t.write_text("one\n\ntwo\n")
+    assert sorted(fn.unlabeled_prompts(t)) == ["one", "two"]
+
+
+def test_node_rejects_bad_inputs(sd15, tmp_path):
+    node = runtime.get_node("HGRSafeFinetune")
+    hgr_type = pack_mod("nodes.hgr_type")
+    handle = hgr_type.HGRHandle(random_hgr("SD15"), name="t", latent_format="SD15", latent_channels=4)
+    kw = dict(model=sd15.model, clip=sd15.clip, hgr=handle, prompts="toyworld_hgr_mini.json", image_size=64,
+              steps=2, rank=2, threshold=0.0, seed=0)
+    with pytest.raises(ValueError, match="HGRSafeFinetune: filename '../x' must be a plain file name"):
+        node.execute(filename="../x", **kw)
+    with pytest.raises(ValueError, match="HGRSafeFinetune: prompt file 'nope.json' not found"):
+        node.execute(filename="x", **dict(kw, prompts="nope.json"))
+    wrong = hgr_type.HGRHandle(random_hgr("SDXL"), name="t", latent_format="SDXL", latent_channels=4)
+    with pytest.raises(ValueError, match="HGRSafeFinetune: HGR 't' was trained for the SDXL"):
+        node.execute(filename="x", **dict(kw, hgr=wrong))
