@@ -29,4 +29,8 @@ class SafeCFGExtension(ComfyExtension):
 async def comfy_entrypoint() -> SafeCFGExtension:
     # ComfyExtension.on_load() is not called by ComfyUI 0.3.75: register model folders here.
     register_folder(os.path.join(PACK_DIR, "weights", "hgr"))
+    # the bundled toy-world safe LoRAs, for LoraLoaderModelOnly (never the default folder for new files)
+    import folder_paths
+
+    folder_paths.add_model_folder_path("loras", os.path.join(PACK_DIR, "weights", "loras"), is_default=False)
     return SafeCFGExtension()

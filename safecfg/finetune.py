@@ -280,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--states", type=int, default=5, help="states per trajectory")
     ap.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts of the (shuffled) pool")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--state", default=None, help="resumable state folder (default: .toytrain/<out>.state for "
+                                                  "--toy, else next to --out)")
     args = ap.parse_args(argv)
 
     repo = Path(__file__).resolve().parents[1]
@@ -332,6 +334,8 @@ def main(argv=None) -> int:
 
     summary = fn.run_finetune(mp, clip, prompts, Path(args.out), spec, redirector=hgr, harmful_labels=labels,
                               image_size=args.size, progress=progress,
+                              state_dir=Path(args.state) if args.state else (
+                                  repo / ".toytrain" / (Path(args.out).stem + ".state") if args.toy else None),
                               metadata={"base_model": "toyworld" if args.toy else Path(args.checkpoint).name})
     print(json.dumps(summary, indent=1, default=str))
     return 0

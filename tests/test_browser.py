@@ -25,7 +25,7 @@ def page_and_server():
 def test_there_are_workflows():
     names = {p.stem for p in WORKFLOWS}
     assert {"sd15_safecfg_guider", "sd15_ksampler_safecfg_patch", "toy_detect_and_filter", "toy_train_hgr",
-            "toy_demo"} <= names
+            "toy_demo", "toy_safe_finetune"} <= names
     for p in WORKFLOWS:
         assert p.with_suffix(".png").is_file(), f"{p.name} has no preview PNG"
 
@@ -56,4 +56,6 @@ def test_workflow_runs_in_the_front_end(path, page_and_server, tmp_path_factory)
         assert det_out and det_out[0]["hgr_flags"] == det[0]["flags"]
     if any(n["type"] == "HGRTrain" for n in wf["nodes"]):
         assert any((server.base_dir / "models" / "hgr").glob("*.safetensors"))
+    if any(n["type"] == "HGRSafeFinetune" for n in wf["nodes"]):
+        assert any((server.base_dir / "models" / "loras").glob("*.safetensors"))
     assert not [e for e in page.errors if "SafeCFG" in e or "safecfg" in e], page.errors

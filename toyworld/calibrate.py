@@ -19,7 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["0.2,0.0,global", "0.3,0.0,global", "0.4,0.0,global", "0.3,0.5,global", "0.4,0.5,global",
-        "0.5,0.5,global", "0.5,1.0,global", "0.6,1.0,global", "0.2,0.0,patch", "0.4,0.5,patch"]
+        "0.5,0.5,global", "0.5,1.0,global", "0.4,0.5,global,0.15", "0.3,1.0,global,0.25", "0.2,0.0,patch",
+        "0.4,0.5,patch"]
 
 
 def choose(results: dict, max_drop: float) -> tuple[str, dict]:

@@ -1,6 +1,7 @@
 """`make demo`: the demo workflow (workflows/toy_demo.api.json) run headless through ComfyUI's own
-executor with the bundled toy-world model: plain CFG beside SafeCFG on fixed clean and harmful
-prompts. Writes results/demo_grid.png (labelled) and prints what the oracle sees in each image.
+executor with the bundled toy-world model: plain CFG beside SafeCFG (concept redirector, learned HGR)
+and beside plain CFG with the unsupervised safe LoRA, on fixed clean and harmful prompts. Writes
+results/demo_grid.png (labelled) and prints what the oracle sees in each image.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def main(argv=None) -> int:
         graph["24"] = {"class_type": "SaveImage",
                        "inputs": {"images": ["23", 0], "filename_prefix": "safecfg_demo_hgr"}}
         columns.append(("SafeCFG learned HGR", "24"))
+    lora_file = REPO / "weights" / "loras" / "toyworld_safe_lora.safetensors"
+    if lora_file.is_file():  # plain CFG, stock KSampler, with the unsupervised safe LoRA
+        graph["30"] = {"class_type": "LoraLoaderModelOnly",
+                       "inputs": {"model": ["1", 0], "lora_name": lora_file.name, "strength_model": 1.0}}
+        graph["31"] = copy.deepcopy(graph["5"])
+        graph["31"]["inputs"]["model"] = ["30", 0]
+        graph["32"] = {"class_type": "VAEDecode", "inputs": {"samples": ["31", 0], "vae": ["1", 2]}}
+        graph["33"] = {"class_type": "SaveImage",
+                       "inputs": {"images": ["32", 0], "filename_prefix": "safecfg_demo_lora"}}
+        columns.append(("plain CFG + safe LoRA", "33"))
 
     oracle = Oracle()
     oracle.load_state_dict(load_sd(weights_path("oracle")))

@@ -27,6 +27,9 @@ CONCEPTS = "weapon: knife, dagger, blade\ngore: skull, cranium, deathshead"
 # SLD "medium" (Schramowski et al. 2023): warm-up 10 of 50 steps, guidance 1000, threshold 0.01,
 # momentum scale 0.3, momentum beta 0.4. The warm-up is kept as the same share of the schedule (20%).
 CONCEPT_DEFAULT = "0.2,0.0,global"  # see results/calibration.json
+# LoRAs in weights/loras/ (python -m safecfg.finetune --toy ...): unsupervised (HED-scored) and the
+# supervised ESD-style baseline that uses the true labels
+LORAS = {"finetuned_lora": "toyworld_safe_lora.safetensors", "supervised_lora": "toyworld_supervised_lora.safetensors"}
 SLD_MEDIUM = {"warmup_frac": 10 / 50, "guidance": 1000.0, "threshold": 0.01, "momentum_scale": 0.3,
               "mom_beta": 0.4}
 
@@ -134,10 +137,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--methods", default="plain,negative_prompt,sld,concept,hgr")
+    ap.add_argument("--methods", default="plain,negative_prompt,sld,concept,hgr,finetuned_lora,supervised_lora")
     ap.add_argument("--splits", default="clean,harmful,heldout")
     ap.add_argument("--concept", default=CONCEPT_DEFAULT,
-                    help="concept redirector threshold,push,mode (calibrated without held-out names: "
+                    help="concept redirector threshold,push,mode[,start_percent] (calibrated without held-out names: "
                          "`python -m toyworld.calibrate`); several settings separated by ';' are each "
                          "run as a method `concept[threshold,push,mode]`")
     ap.add_argument("--detect-levels", type=int, default=4,
@@ -191,11 +194,13 @@ def main(argv=None) -> int:
 
     concept_handles = {}
     settings = [c.strip() for c in args.concept.split(";") if c.strip()]
+    concept_start = {}
     for setting in settings:
-        tau, push, mode = setting.split(",")
+        tau, push, mode, *start = setting.split(",")
         name = "concept" if len(settings) == 1 else f"concept[{setting}]"
         concept_handles[name] = hgr_nodes.HGRConceptRedirector.execute(
             clip=clip, concepts=CONCEPTS, threshold=float(tau), push=float(push), mode=mode).result[0]
+        concept_start[name] = float(start[0]) if start else 0.0
     hgr_handle = None
     hgr_file = REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"
     if hgr_file.is_file():
@@ -206,8 +211,22 @@ def main(argv=None) -> int:
                                         latent_channels=h.config.latent_channels)
     SLDGuider = sld_guider_class()
 
+    # fine-tuned models: the bundled LoRAs applied with ComfyUI's own LoRA loader, sampled with plain CFG
+    lora_models = {}
+    for method, fname in LORAS.items():
+        path = REPO / "weights" / "loras" / fname
+        if path.is_file():
+            import comfy.sd
+            import comfy.utils
+
+            lora_models[method], _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(
+                str(path), safe_load=True), 1.0, 0.0)
+
     def guider_for(method, pos):
-        if method in ("plain", "negative_prompt"):
+        if method in lora_models:
+            g = comfy.samplers.CFGGuider(lora_models[method])
+            g.set_conds(pos, empty)
+        elif method in ("plain", "negative_prompt"):
             g = comfy.samplers.CFGGuider(model)
             g.set_conds(pos, negative_harm if method == "negative_prompt" else empty)
         elif method == "sld":
@@ -216,7 +235,7 @@ def main(argv=None) -> int:
             g.set_sld(negative_harm, args.steps)
         elif method in concept_handles or method == "hgr":
             handle = concept_handles[method] if method != "hgr" else hgr_handle
-            g = sampling.SafeCFGGuider(model, handle, 1.0, 0.0, 1.0)
+            g = sampling.SafeCFGGuider(model, handle, 1.0, concept_start.get(method, 0.0), 1.0)
             g.set_conds(pos, empty)
         else:
             raise ValueError(method)
@@ -227,6 +246,9 @@ def main(argv=None) -> int:
     for m in args.methods.split(","):
         if m == "concept":
             methods += list(concept_handles)
+        elif m in LORAS:
+            if m in lora_models:
+                methods.append(m)
         elif m and (m != "hgr" or hgr_handle is not None):
             methods.append(m)
     results: dict = {"methods": {}, "n_prompts": {k: len(v) for k, v in splits.items()},

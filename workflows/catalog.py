@@ -112,6 +112,32 @@ def toy_train_hgr() -> dict:
     }
 
 
+def toy_safe_finetune() -> dict:
+    """Unsupervised safe fine-tuning of the toy model (top), and the bundled result used with a stock
+    KSampler and ComfyUI's own LoRA loader, no SafeCFG node in the sampling path (bottom)."""
+    return {
+        "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
+        "2": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
+        "3": {"class_type": "HGRSafeFinetune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "hgr": ["2", 0], "prompts": "toyworld_hgr.json",
+            "filename": "my_toy_safe_lora", "image_size": 64, "steps": 500, "rank": 8, "threshold": 0.0,
+            "seed": 0}},
+        "4": {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["1", 0], "lora_name": "toyworld_safe_lora.safetensors", "strength_model": 1.0}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red knife on stripes", "clip": ["1", 1]},
+              "_meta": {"title": "Prompt"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
+              "_meta": {"title": "Negative"}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "seed": 11, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0], "denoise": 1.0},
+            "_meta": {"title": "Plain CFG, safe LoRA"}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "safecfg_safe_lora"}},
+    }
+
+
 def toy_demo() -> dict:
     """Plain CFG beside SafeCFG with the bundled learned HGR, on the toy model."""
     return {
@@ -144,5 +170,6 @@ WORKFLOWS = {
     "sd15_ksampler_safecfg_patch": sd15_patch,
     "toy_detect_and_filter": toy_detect_filter,
     "toy_train_hgr": toy_train_hgr,
+    "toy_safe_finetune": toy_safe_finetune,
     "toy_demo": toy_demo,
 }

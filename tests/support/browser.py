@@ -179,7 +179,8 @@ def wait_for_previews(page, timeout: float = 30.0) -> dict:
 
 
 # what the browser test changes before running a workflow, so that it runs in seconds on a CPU
-QUICK_TRAIN = {"data": "toyworld_hgr_mini.json", "fit_steps": 20}
+QUICK = {"HGRTrain": {"data": "toyworld_hgr_mini.json", "fit_steps": 20},
+         "HGRSafeFinetune": {"prompts": "toyworld_hgr_mini.json", "steps": 3}}
 
 
 def run_workflow(page, server, workflow: dict, name: str, *, screenshot: Path | None = None,
@@ -191,8 +192,9 @@ def run_workflow(page, server, workflow: dict, name: str, *, screenshot: Path | 
     if missing:
         return {"missing": missing}
     replaced = substitute_toy_model(page)
-    for key, value in QUICK_TRAIN.items():
-        set_widget(page, "HGRTrain", key, value)
+    for node_type, values in QUICK.items():
+        for key, value in values.items():
+            set_widget(page, node_type, key, value)
     prompt_id = queue(page)
     history = server.wait(prompt_id, timeout=timeout)
     states = wait_for_previews(page) if any(n["type"] in ("HGRHarmDetector", "HGRHarmFilter")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Everything downstream of the toy-world model, in order (each step resumable or cheap to redo):
+# the learned toy HGR, the concept/detector calibration, the two safe LoRAs, the benchmark and demo.
+# Run after `make toy-train`. About 50 minutes on a 2-core CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+$PY -m safecfg.train --toy --out weights/hgr/toyworld_hgr.safetensors --cache .toytrain/hgr_cache_v2 --fit-steps 2000
+$PY -m toyworld.calibrate
+$PY -m safecfg.finetune --toy --out weights/loras/toyworld_safe_lora.safetensors --max-prompts 384 --steps 500
+$PY -m safecfg.finetune --toy --supervised --out weights/loras/toyworld_supervised_lora.safetensors \
+    --max-prompts 384 --steps 500
+$PY -m toyworld.eval
+$PY -m toyworld.demo
