@@ -5,7 +5,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: bootstrap test lint pytest bench bench-train demo eval calibrate workflows toy-train toy-train-vae \
-	toy-train-oracle toy-train-unet clean-env
+	toy-train-oracle toy-train-unet clean-env test-comfy
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -19,6 +19,10 @@ pytest: bootstrap
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 test: lint pytest
+
+# ComfyUI's own test suites with and without this pack: the same counts (scripts/test_comfy.sh)
+test-comfy: bootstrap
+	bash scripts/test_comfy.sh
 
 bench: bootstrap
 	$(PY) -m benchmarks.bench_sampling --out results/bench.json

@@ -79,7 +79,8 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
     sigmas = [float(ms.percent_to_sigma(p)) for p in level_percents(noise_levels)]
     zs = []
     for i in range(0, n, max(1, batch_size)):  # encode in chunks too: the VAE is the other memory hog
-        zs.append(vae.encode(images[i:i + batch_size, :, :, :3]).float().cpu())
+        with torch.no_grad():
+            zs.append(vae.encode(images[i:i + batch_size, :, :, :3]).float().cpu())
     z = model.model.process_latent_in(torch.cat(zs))
     if z.shape[1] != int(getattr(model.model.latent_format, "latent_channels", z.shape[1])):
         raise ValueError(f"{node}: the VAE gives {z.shape[1]}-channel latents but the model expects "

@@ -82,7 +82,8 @@ def detect(redirector: Redirector, z: torch.Tensor, sigmas: Sequence[float], pre
         b = min(step, n - i)
         idx = torch.arange(i, i + b)
         try:
-            per_level[i:i + b] = _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt)
+            with torch.no_grad():
+                per_level[i:i + b] = _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
             if not is_oom(e) or b == 1:
                 raise
