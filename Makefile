@@ -36,7 +36,7 @@ workflows: bootstrap
 	$(PY) scripts/build_workflows.py
 
 # The bundled toy-world model (weights/toyworld/), reproducible from seeds; every stage resumes
-# from .toytrain/ when interrupted. Measured on this 2-core CPU: VAE ~20 min, oracle ~5 min, UNet ~50 min.
+# from .toytrain/ when interrupted. Measured on this 2-core CPU: VAE ~20 min, oracle ~10 min, UNet ~75 min.
 toy-train: toy-train-vae toy-train-oracle toy-train-unet
 
 toy-train-vae: bootstrap
@@ -45,8 +45,10 @@ toy-train-vae: bootstrap
 toy-train-oracle: bootstrap
 	$(PY) -m toyworld.train_oracle
 
+# the bundled UNet: 3500 steps, then resumed with a longer cosine schedule to 6497 steps
 toy-train-unet: bootstrap
-	$(PY) -m toyworld.train_unet
+	$(PY) -m toyworld.train_unet --steps 3500
+	$(PY) -m toyworld.train_unet --steps 6497
 
 # The demo workflow, headless through ComfyUI's executor, with the bundled model -> results/demo_grid.png
 demo: bootstrap

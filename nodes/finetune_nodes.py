@@ -97,7 +97,11 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
     unet = mp.model.diffusion_model
     frozen = {n: p.requires_grad for n, p in mp.model.named_parameters()}
     mp.model.requires_grad_(False)  # only the LoRA learns
-    loras = inject_lora(unet, rank=spec.rank, seed=spec.seed)
+    with torch.inference_mode(False):
+        # weights loaded inside ComfyUI's executor are inference tensors, which autograd cannot use:
+        # train against plain copies, put the originals back afterwards
+        swapped = _swap_inference_params(unet)
+        loras = inject_lora(unet, rank=spec.rank, seed=spec.seed)
     mp.pre_run()
     try:
         summary = train_lora(make_train_predict(teacher, prompts), loras, data, spec,
@@ -110,11 +114,23 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
         save_lora(out_path, loras, meta)
     finally:
         remove_lora(unet, loras)
+        for module, name, original in swapped:
+            module._parameters[name] = original
         for n, p in mp.model.named_parameters():
             p.requires_grad_(frozen.get(n, False))
         mp.cleanup()
     return {**summary, "samples": int(data["x"].shape[0]), "mean_score": float(data["score"].mean()),
             "path": str(out_path)}
+
+
+def _swap_inference_params(root: torch.nn.Module) -> list:
+    swapped = []
+    for module in root.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_inference():
+                module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                swapped.append((module, name, p))
+    return swapped
 
 
 class HGRSafeFinetune(io.ComfyNode):

@@ -181,14 +181,20 @@ def train_lora(predict: Callable, loras: dict[str, LoRALinear], data: dict[str, 
                save_every: int = 100) -> dict:
     """Fit the LoRA parameters: ``predict(x, sigma, prompt_rows) -> D`` (with grad) towards ``target``,
     MSE in noise space (``(D - target) / sigma``). Resumable from ``state_path``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every)
+
+
+def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every) -> dict:
     params = [p for lora in loras.values() for p in (lora.down, lora.up)]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     step = 0
     if state_path is not None and Path(state_path).is_file():
         step = _load_state(state_path, loras, opt)
-    n = data["x"].shape[0]
     losses = []
     with torch.inference_mode(False), torch.enable_grad():
+        data = {k: v.clone() for k, v in data.items()}  # plain tensors (inputs may be inference tensors)
+        n = data["x"].shape[0]
         for p in params:
             p.requires_grad_(True)
         while step < spec.steps:

@@ -26,7 +26,7 @@ HARM_WORDS = "knife, dagger, blade, skull, cranium, deathshead"  # training name
 CONCEPTS = "weapon: knife, dagger, blade\ngore: skull, cranium, deathshead"
 # SLD "medium" (Schramowski et al. 2023): warm-up 10 of 50 steps, guidance 1000, threshold 0.01,
 # momentum scale 0.3, momentum beta 0.4. The warm-up is kept as the same share of the schedule (20%).
-CONCEPT_DEFAULT = "0.2,0.0,global"  # see results/calibration.json
+CONCEPT_DEFAULT = "0.3,0.0,global"  # calibrated: results/calibration.json (python -m toyworld.calibrate)
 # LoRAs in weights/loras/ (python -m safecfg.finetune --toy ...): unsupervised (HED-scored) and the
 # supervised ESD-style baseline that uses the true labels
 LORAS = {"finetuned_lora": "toyworld_safe_lora.safetensors", "supervised_lora": "toyworld_supervised_lora.safetensors"}

@@ -11,8 +11,15 @@ function state(node) {
   return node.safecfg;
 }
 
+// Which batch image an <img> being drawn is: by identity in node.imgs, else by the preview file
+// name in its URL (the front end may draw copies of the preview images).
 function imageIndexOf(node, img) {
-  return Array.isArray(node.imgs) ? node.imgs.indexOf(img) : -1;
+  const i = Array.isArray(node.imgs) ? node.imgs.indexOf(img) : -1;
+  if (i >= 0) return i;
+  const src = img && typeof img.src === "string" ? decodeURIComponent(img.src) : "";
+  const files = state(node).files;
+  if (!src || !files) return -1;
+  return files.findIndex((f) => f && src.includes(`filename=${f}`));
 }
 
 // Flagged images are drawn blurred (unless revealed) by wrapping the canvas context's drawImage
@@ -47,16 +54,20 @@ function removeBlur(ctx) {
 
 function wrapPreview(node) {
   const w = node.widgets?.find((x) => x.name === PREVIEW_WIDGET);
-  if (!w || w.__safecfgWrapped || typeof w.draw !== "function") return;
-  const draw = w.draw;
-  w.draw = function (ctx, ...rest) {
-    installBlur(node, ctx);
-    try {
-      return draw.call(this, ctx, ...rest);
-    } finally {
-      removeBlur(ctx);
-    }
-  };
+  if (!w || w.__safecfgWrapped) return;
+  // the canvas draws widgets through drawWidget (current front ends) or draw (older ones)
+  for (const method of ["drawWidget", "draw"]) {
+    const original = w[method];
+    if (typeof original !== "function") continue;
+    w[method] = function (ctx, ...rest) {
+      installBlur(node, ctx);
+      try {
+        return original.call(this, ctx, ...rest);
+      } finally {
+        removeBlur(ctx);
+      }
+    };
+  }
   w.__safecfgWrapped = true;
 }
 
@@ -109,6 +120,7 @@ app.registerExtension({
       s.scores = (message?.hgr_scores ?? []).map(Number);
       s.flags = (message?.hgr_flags ?? []).map(Boolean);
       s.threshold = message?.hgr_threshold?.[0] ?? null;
+      s.files = (message?.images ?? []).map((im) => im?.filename ?? null);
       s.revealed = false;
       this.setDirtyCanvas?.(true, true);
       return r;

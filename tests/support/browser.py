@@ -180,7 +180,7 @@ def wait_for_previews(page, timeout: float = 30.0) -> dict:
 
 # what the browser test changes before running a workflow, so that it runs in seconds on a CPU
 QUICK = {"HGRTrain": {"data": "toyworld_hgr_mini.json", "fit_steps": 20},
-         "HGRSafeFinetune": {"prompts": "toyworld_hgr_mini.json", "steps": 3}}
+         "HGRSafeFinetune": {"prompts": "toyworld_hgr_mini.json", "steps": 10}}
 
 
 def run_workflow(page, server, workflow: dict, name: str, *, screenshot: Path | None = None,
