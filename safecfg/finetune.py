@@ -269,7 +269,6 @@ def main(argv=None) -> int:
     import importlib
     import importlib.util
     import json
-    import sys
 
     ap = argparse.ArgumentParser(description="Unsupervised safe fine-tuning: an HED-scored LoRA.")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -290,18 +289,11 @@ def main(argv=None) -> int:
                                                   "--toy, else next to --out)")
     args = ap.parse_args(argv)
 
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.append(str(repo))
     from tqdm import tqdm
 
-    from toyworld.trainutil import setup_comfy
+    from .train import cli_setup
 
-    setup_comfy()
-    spec_ = importlib.util.spec_from_file_location("safecfg_pack", repo / "__init__.py",
-                                                   submodule_search_locations=[str(repo)])
-    pkg = importlib.util.module_from_spec(spec_)
-    sys.modules["safecfg_pack"] = pkg
-    spec_.loader.exec_module(pkg)
+    repo = cli_setup()
     fn = importlib.import_module("safecfg_pack.nodes.finetune_nodes")
     hgr_file = importlib.import_module("safecfg_pack.safecfg.hgr_file")
     train = importlib.import_module("safecfg_pack.safecfg.train")

@@ -273,13 +273,33 @@ def train_hgr(teacher: Teacher, data: PromptData, cache_dir: str | os.PathLike, 
     return hgr, summary
 
 
+def cli_setup() -> Path:
+    """For the command lines: ComfyUI initialised in library mode (from the bootstrap or COMFYUI_DIR)
+    and this pack importable as ``safecfg_pack`` (its nodes need ComfyUI). Returns the repository."""
+    import importlib.util
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:
+        sys.path.append(str(repo))
+    from toyworld.trainutil import setup_comfy
+
+    setup_comfy()
+    if "safecfg_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("safecfg_pack", repo / "__init__.py",
+                                                      submodule_search_locations=[str(repo)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["safecfg_pack"] = pkg
+        spec.loader.exec_module(pkg)
+    return repo
+
+
 def main(argv=None) -> int:
     """``python -m safecfg.train --toy`` or ``--checkpoint model.safetensors``: train an HGR from a
     repository checkout (ComfyUI from the bootstrap or COMFYUI_DIR)."""
     import argparse
     import importlib
     import importlib.util
-    import sys
 
     ap = argparse.ArgumentParser(description="Train a Harmful Guidance Redirector (HGR) for a model.")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -298,18 +318,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.append(str(repo))
+    repo = cli_setup()
     from tqdm import tqdm
 
-    from toyworld.trainutil import setup_comfy
-
-    setup_comfy()
-    spec = importlib.util.spec_from_file_location("safecfg_pack", repo / "__init__.py",
-                                                  submodule_search_locations=[str(repo)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["safecfg_pack"] = pkg
-    spec.loader.exec_module(pkg)
     teacher_mod = importlib.import_module("safecfg_pack.nodes.teacher")
     if args.toy:
         from toyworld.models import load_clip, load_unet
