@@ -10,9 +10,9 @@ link="$comfy/custom_nodes/comfyui-safecfg"
 export PATH="$here/.venv/bin:$PATH"
 python -m pip install --quiet --disable-pip-version-check -r "$comfy/tests-unit/requirements.txt"
 DESELECT=(
-  # these two download from the internet
-  "tests-unit/comfy_api_nodes_test"
-  "tests-unit/prompt_server_test/user_manager_test.py::test_listuserdata_full_info_and_files"
+  # these two fetch a front-end release from GitHub
+  "tests-unit/app_test/frontend_manager_test.py::test_init_frontend_invalid_version"
+  "tests-unit/app_test/frontend_manager_test.py::test_init_frontend_invalid_provider"
 )
 args=(-q -p no:cacheprovider -o addopts= tests-unit tests/execution)
 for d in "${DESELECT[@]}"; do
