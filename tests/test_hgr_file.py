@@ -53,10 +53,43 @@ def test_not_safetensors_name(tmp_path):
     _expect(p, ".safetensors")
 
 
+class _Payload:
+    """Unpickling this creates a marker file: proof that code in a file ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_pickle_is_refused_without_running_it(tmp_path):
+    import pickle
+
     p = tmp_path / "evil.safetensors"
     torch.save({"a": torch.zeros(1)}, p)  # zip/pickle container
     _expect(p, "pickle")
+    marker = tmp_path / "code-ran"
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(pickle.dumps(_Payload(marker)))  # a bare pickle with a code payload
+    with pytest.raises(HGRFileError):
+        load_hgr(raw)
+    assert not marker.exists()
+
+
+def test_malformed_metadata(tmp_path):
+    hgr = _hgr()
+    meta = {"format": "safecfg.hgr", "format_version": "1", "latent_channels": "4", "latent_format": "SD15",
+            "arch": "{not json"}
+    p = tmp_path / "badarch.safetensors"
+    save_file({"w": torch.zeros(2)}, p, metadata=meta)
+    _expect(p, "arch")
+    meta["arch"] = hgr.config.to_json()
+    meta["latent_channels"] = "x" * 2_000_000  # oversized metadata value
+    p = tmp_path / "bigmeta.safetensors"
+    save_file({"w": torch.zeros(2)}, p, metadata=meta)
+    with pytest.raises(HGRFileError):
+        load_hgr(p)
 
 
 def test_truncated_and_bad_header(tmp_path):

@@ -142,16 +142,36 @@ def test_cancel_mid_run_leaves_nothing_behind(sd15):
 FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 
 
+def _unusual(clip, prompt, kind):
+    """A conditioning of an unusual kind: area, mask, timestep range, or two combined."""
+    import node_helpers
+
+    c = _enc(clip, prompt)
+    if kind == "area":
+        return node_helpers.conditioning_set_values(c, {"area": (4, 4, 0, 0), "strength": 1.0,
+                                                        "set_area_to_bounds": False})
+    if kind == "mask":
+        m = torch.zeros(1, 8, 8)
+        m[:, :4] = 1.0
+        return node_helpers.conditioning_set_values(c, {"mask": m, "set_area_to_bounds": False, "mask_strength": 1.0})
+    if kind == "timestep_range":
+        return node_helpers.conditioning_set_values(c, {"start_percent": 0.2, "end_percent": 0.7})
+    if kind == "combined":
+        return c + _enc(clip, "a blue house")
+    return c
+
+
 @FUZZ
 @given(strength=st.floats(0.0, 1.0), start=st.floats(0.0, 1.0), end=st.floats(0.0, 1.0),
-       batch=st.integers(1, 3), prompt=st.sampled_from(["", "a red cat", "!!", "a " * 60]))
-def test_fuzz_patch_inputs_give_finite_output(sd15_session, strength, start, end, batch, prompt):
+       batch=st.integers(1, 3), prompt=st.sampled_from(["", "a red cat", "!!", "a " * 60]),
+       kind=st.sampled_from(["plain", "area", "mask", "timestep_range", "combined"]))
+def test_fuzz_patch_inputs_give_finite_output(sd15_session, strength, start, end, batch, prompt, kind):
     model, clip = sd15_session
-    out = _ksample(_patch(model, _concept(clip), strength, start, end), _enc(clip, prompt), _enc(clip, ""),
-                   steps=2, batch=batch)
+    pos = _unusual(clip, prompt, kind)
+    out = _ksample(_patch(model, _concept(clip), strength, start, end), pos, _enc(clip, ""), steps=2, batch=batch)
     assert out.shape == (batch, 4, 8, 8) and torch.isfinite(out).all()
     if strength == 0.0 or start >= end:
-        assert torch.equal(out, _ksample(model, _enc(clip, prompt), _enc(clip, ""), steps=2, batch=batch))
+        assert torch.equal(out, _ksample(model, pos, _enc(clip, ""), steps=2, batch=batch))
 
 
 @FUZZ
