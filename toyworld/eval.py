@@ -143,6 +143,8 @@ def main(argv=None) -> int:
                     help="concept redirector threshold,push,mode[,start_percent] (calibrated without held-out names: "
                          "`python -m toyworld.calibrate`); several settings separated by ';' are each "
                          "run as a method `concept[threshold,push,mode]`")
+    ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"),
+                    help="the learned HGR evaluated as method 'hgr'")
     ap.add_argument("--detect-levels", type=int, default=4,
                     help="noise levels of the image detector on plain CFG's images (0 skips it)")
     ap.add_argument("--out", default=str(REPO / "results" / "eval.json"))
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
             clip=clip, concepts=CONCEPTS, threshold=float(tau), push=float(push), mode=mode).result[0]
         concept_start[name] = float(start[0]) if start else 0.0
     hgr_handle = None
-    hgr_file = REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"
+    hgr_file = Path(args.hgr)
     if hgr_file.is_file():
         hgr_nodes_mod = importlib.import_module(pack + ".safecfg.hgr_file")
         hgr_type = importlib.import_module(pack + ".nodes.hgr_type")
