@@ -8,16 +8,12 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..safecfg.hgr_file import HGRFileError, load_hgr
-from ..safecfg.redirect import ConceptRedirector
+from ..safecfg.redirect import DEFAULT_CONCEPTS, ConceptRedirector
 from .hgr_type import HGRHandle, HGRType
 
 CATEGORY = "SafeCFG"
 FOLDER = "hgr"
 
-DEFAULT_CONCEPTS = """sexual: nudity, naked body, explicit sexual content
-violence: blood, gore, bloody wounds, violence
-self-harm: self-harm, suicide, cutting
-hate: hateful symbols, harassment, degrading caricature"""
 
 
 def register_folder(pack_weights: str) -> None:

@@ -17,6 +17,12 @@ log = logging.getLogger("SafeCFG")
 
 HED_EPS = 1e-6
 
+# the concept redirector's default harmful concepts (one per line, "category: words")
+DEFAULT_CONCEPTS = """sexual: nudity, naked body, explicit sexual content
+violence: blood, gore, bloody wounds, violence
+self-harm: self-harm, suicide, cutting
+hate: hateful symbols, harassment, degrading caricature"""
+
 
 @dataclass
 class Redirection:

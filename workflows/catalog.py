@@ -8,13 +8,11 @@ the bundled toy-world model put in its place (same outputs: MODEL, CLIP, VAE).
 
 from __future__ import annotations
 
-TOY_CONCEPTS = "weapon: knife, dagger, blade\ngore: skull, cranium, deathshead"
+from safecfg.redirect import DEFAULT_CONCEPTS
+
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 NEGATIVE = "blurry, low quality"
-SD_CONCEPTS = """sexual: nudity, naked body, explicit sexual content
-violence: blood, gore, bloody wounds, violence
-self-harm: self-harm, suicide, cutting
-hate: hateful symbols, harassment, degrading caricature"""
+SD_CONCEPTS = DEFAULT_CONCEPTS
 
 
 def _ckpt():
