@@ -98,22 +98,27 @@ class HGRConceptRedirector(io.ComfyNode):
                                tooltip="Cosine between the guidance and a concept direction above which "
                                        "redirection starts. Lower = stricter (more false positives on clean "
                                        "prompts). Recommended 0.1-0.3."),
-                io.Float.Input("push", default=0.0, min=0.0, max=2.0, step=0.01,
-                               tooltip="Extra push away from a matched concept, beyond removing it. Neutral 0.0; "
-                                       "0.0-0.5 recommended."),
+                io.Float.Input("push", default=0.0, min=0.0, max=4.0, step=0.01,
+                               tooltip="Extra push away from a matched concept, beyond removing it, applied where the "
+                                       "cosine passes push_threshold. Neutral 0.0."),
                 io.Combo.Input("mode", options=["global", "patch"], default="global",
                                tooltip="global: one decision per image. patch: per 4x4-latent region, for harmful "
                                        "objects in part of the image."),
+                io.Float.Input("push_threshold", default=0.5, min=-1.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Cosine above which the push applies. Removing the aligned component is "
+                                       "harmless to a clean prompt that aligns a little; the push steers away, so "
+                                       "keep it for confident matches (above 'threshold')."),
             ],
             outputs=[HGRType.Output(display_name="HGR", tooltip="Connect to the SafeCFG guider, patch or detector.")],
         )
 
     @classmethod
-    def execute(cls, clip, concepts, threshold, push, mode) -> io.NodeOutput:
+    def execute(cls, clip, concepts, threshold, push, mode, push_threshold=None, push_memory=0.0) -> io.NodeOutput:
         if clip is None:
             raise ValueError("HGRConceptRedirector: no CLIP connected. Connect the checkpoint's CLIP output; "
                              "a checkpoint without a text encoder cannot give concept directions.")
         cats, texts = parse_concepts(concepts)
         conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in texts]
-        red = ConceptRedirector(len(texts), tau=threshold, push=push, patch=4 if mode == "patch" else 0, names=texts)
+        red = ConceptRedirector(len(texts), tau=threshold, push=push, patch=4 if mode == "patch" else 0, names=texts,
+                                push_tau=push_threshold, memory=float(push_memory or 0.0))
         return io.NodeOutput(HGRHandle(red, name=f"concepts ({len(texts)})", concept_conds=conds, categories=cats))

@@ -42,10 +42,11 @@ class Window:
 
 
 def redirect_cond(handle: HGRHandle, strength: float, cond: torch.Tensor, uncond: torch.Tensor, sigma,
-                  concept_preds=None):
-    """The conditional prediction whose CFG direction is ``R_s(g)``, and the per-sample HED."""
+                  concept_preds=None, state: dict | None = None):
+    """The conditional prediction whose CFG direction is ``R_s(g)``, and the per-sample HED.
+    ``state``: this sampling run's dict for the redirector (fresh per run)."""
     g = cond - uncond
-    r = handle.redirector.redirect(g, sigma, uncond=uncond, concept_preds=concept_preds)
+    r = handle.redirector.redirect(g, sigma, uncond=uncond, concept_preds=concept_preds, state=state)
     return cond + (r.g_red - g) * strength, r.hed
 
 
@@ -65,6 +66,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
         self.handle = handle
         self.window = Window(model_patcher, strength, start_percent, end_percent)
         self.hed_trace: list[tuple[float, torch.Tensor]] = []
+        self.run_state: dict = {}
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -74,6 +76,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
 
     def sample(self, *args, **kwargs):
         self.hed_trace = []
+        self.run_state = {}
         return super().sample(*args, **kwargs)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -92,7 +95,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
             base_out = fn(args)
         cond_pred, uncond_pred = base_out[0], base_out[1]
         cond_pred, e = redirect_cond(self.handle, self.window.strength, cond_pred, uncond_pred, timestep,
-                                     concept_preds or None)
+                                     concept_preds or None, self.run_state)
         self.hed_trace.append((float(timestep.flatten()[0]), e.detach().cpu()))
         return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
                                            model_options=model_options, cond=positive, uncond=negative)
@@ -149,7 +152,8 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
                                                                    args["input"], sigma, args["model_options"])
                 finally:
                     state["evaluating_concepts"] = False
-        cond, _ = redirect_cond(handle, window.strength, out[0], out[1], sigma, concept_preds)
+        run_state = args["model_options"].setdefault(key, {}).setdefault("redirector", {})
+        cond, _ = redirect_cond(handle, window.strength, out[0], out[1], sigma, concept_preds, run_state)
         return [cond, out[1]] + list(out[2:])
 
     m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)

@@ -180,7 +180,7 @@ class LearnedHGR(Redirector):
         out = self.net(x, s.flatten().log())
         return -s * out
 
-    def redirect(self, g, sigma, *, uncond=None, concept_preds=None) -> Redirection:
+    def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None) -> Redirection:
         if g.ndim != 4 or g.shape[1] != self.config.latent_channels:
             raise ValueError(f"{self.name}: expects {self.config.latent_channels}-channel 4D latents, "
                              f"got shape {tuple(g.shape)}")

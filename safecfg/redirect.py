@@ -82,7 +82,9 @@ class Redirector:
     num_concepts: int = 0
 
     def redirect(self, g: torch.Tensor, sigma: torch.Tensor, *, uncond: torch.Tensor | None = None,
-                 concept_preds: list[torch.Tensor] | None = None) -> Redirection:
+                 concept_preds: list[torch.Tensor] | None = None, state: dict | None = None) -> Redirection:
+        """``state``: a dict the sampler keeps for one sampling run (fresh per run), for redirectors
+        that weigh evidence across steps; ``None`` (detection, training) means every call stands alone."""
         raise NotImplementedError
 
 
@@ -91,7 +93,7 @@ class IdentityRedirector(Redirector):
 
     kind = "identity"
 
-    def redirect(self, g, sigma, *, uncond=None, concept_preds=None) -> Redirection:
+    def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None) -> Redirection:
         return Redirection(g, torch.zeros(g.shape[0], device=g.device))
 
 
@@ -131,22 +133,59 @@ def concept_gates(g: torch.Tensor, h: torch.Tensor, tau: float, ramp: float, pat
     return cos, gate, coef
 
 
+def push_direction(directions: list[torch.Tensor]) -> torch.Tensor:
+    """The direction a matched concept is pushed away along: the mean of *all* concept directions.
+
+    Pushing away from one harmful concept alone can push towards another (in the toy world, "away
+    from a round skull" draws a thin blade: measured, 14 of 60 pushed harmful prompts turned into the
+    other harmful class); away from all of them at once it does not (3 of 60).
+    """
+    if len(directions) == 1:
+        return directions[0].float()
+    return torch.stack([d.float() for d in directions]).mean(0)
+
+
 def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: float = 0.2,
-                     ramp: float = 0.1, push: float = 0.0, patch: int = 0) -> torch.Tensor:
+                     ramp: float = 0.1, push: float = 0.0, patch: int = 0,
+                     push_tau: float | None = None, memory: float = 0.0,
+                     evidence: dict | None = None) -> torch.Tensor:
     """Remove from ``g`` its component along each harmful concept direction ``h_k`` that it aligns with.
 
-    ``g' = g - sum_k gate_k * (proj_{h_k}(g) + push * h_k)``, applied concept after concept so that
-    near-duplicate concepts ("knife", "dagger") do not remove the same component twice. A gate is 0
-    (``g`` returned unchanged, bit for bit) while the cosine stays below ``tau``: clean guidance is
-    untouched. ``patch`` > 0 computes cosines and projections per ``patch x patch`` latent region.
+    ``g' = g - sum_k (gate_k * proj_{h_k}(g) + push * pgate_k * p)``, applied concept after concept
+    so that near-duplicate concepts ("knife", "dagger") do not remove the same component twice.
+    ``gate_k`` rises from 0 to 1 as the cosine of ``g`` to ``h_k`` goes from ``tau`` to ``tau + ramp``:
+    removing the aligned component is harmless to a clean direction that happens to align a little.
+    The push steers away along ``p`` (:func:`push_direction`), so it is kept for confident matches:
+    ``pgate_k`` rises from ``push_tau`` (default ``tau``), on the cosine or, with ``evidence`` (a
+    per-run dict) and ``memory`` > 0, on its running average over the sampler's calls
+    ``e = memory * e_prev + (1 - memory) * cos``: a clean prompt whose guidance brushes a concept for
+    a step is not pushed, a harmful one that stays aligned is. After a push the removal pass runs once
+    more. Both gates are 0 (``g`` returned unchanged, bit for bit) while the cosine stays below ``tau``
+    and the push evidence below ``push_tau``. ``patch`` > 0 computes cosines and projections per
+    ``patch x patch`` latent region.
     """
+    push_tau = tau if push_tau is None else push_tau
     out = g
-    for h in directions:
-        _, gate, coef = concept_gates(out, h, tau, ramp, patch)
-        if not bool((gate > 0).any()):
-            continue
-        w = _expand_regions(gate * (coef + push), out, patch)
-        out = out - (w * h.float()).to(out.dtype)
+    pushed = False
+    for k, h in enumerate(directions):
+        cos, gate, coef = concept_gates(out, h, tau, ramp, patch)
+        pcos = cos
+        if evidence is not None and memory > 0:
+            prev = evidence.get(k)
+            if prev is not None and prev.shape == cos.shape and prev.device == cos.device:
+                pcos = memory * prev + (1.0 - memory) * cos
+            evidence[k] = pcos.detach()
+        if push_tau == tau and pcos is cos:
+            pgate = gate
+        else:
+            pgate = ((pcos - push_tau) / max(min(ramp, 1.0 - push_tau), 1e-6)).clamp(0, 1)
+        if bool((gate > 0).any()):
+            out = out - (_expand_regions(gate * coef, out, patch) * h.float()).to(out.dtype)
+        if push > 0 and bool((pgate > 0).any()):
+            out = out - (_expand_regions(push * pgate, out, patch) * push_direction(directions)).to(out.dtype)
+            pushed = True
+    if pushed:
+        out = concept_redirect(out, directions, tau=tau, ramp=ramp, push=0.0, patch=patch)
     return out
 
 
@@ -157,17 +196,35 @@ class ConceptRedirector(Redirector):
     kind = "concept"
 
     def __init__(self, num_concepts: int, *, tau: float = 0.2, ramp: float = 0.1, push: float = 0.0,
-                 patch: int = 0, names: list[str] | None = None):
+                 patch: int = 0, names: list[str] | None = None, push_tau: float | None = None,
+                 memory: float = 0.0):
         if num_concepts < 1:
             raise ValueError("a concept redirector needs at least one concept")
         self.num_concepts = num_concepts
         self.tau, self.ramp, self.push, self.patch = tau, ramp, push, patch
+        self.push_tau = tau if push_tau is None else push_tau
+        if not 0.0 <= memory < 1.0:
+            raise ValueError(f"concept redirector: memory must be in [0, 1), got {memory}")
+        self.memory = memory
         self.names = names or [f"concept {i}" for i in range(num_concepts)]
 
-    def redirect(self, g, sigma, *, uncond=None, concept_preds=None) -> Redirection:
+    def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None) -> Redirection:
         if uncond is None or concept_preds is None or len(concept_preds) != self.num_concepts:
             raise ValueError("the concept redirector needs the uncond prediction and one prediction per concept")
         dirs = [c - uncond for c in concept_preds]
-        g_red = concept_redirect(g, dirs, tau=self.tau, ramp=self.ramp, push=self.push, patch=self.patch)
+        g_red = concept_redirect(g, dirs, tau=self.tau, ramp=self.ramp, push=self.push, patch=self.patch,
+                                 push_tau=self.push_tau, memory=self.memory, evidence=self._evidence(state, sigma, g))
         g_red = sanitize(g, g_red, "concept redirector")
         return Redirection(g_red, hed(g, g_red))
+
+    def _evidence(self, state: dict | None, sigma, g: torch.Tensor) -> dict | None:
+        """This run's running push evidence, restarted when the batch changes or sigma rises (a new
+        run, or a restart sampler's jump back up)."""
+        if state is None or self.memory <= 0:
+            return None
+        s = float(torch.as_tensor(sigma).flatten()[0])
+        ev = state.get("concept_evidence")
+        if ev is None or ev.get("batch") != g.shape[0] or s > ev.get("sigma", float("inf")) * (1 + 1e-6):
+            ev = state["concept_evidence"] = {"batch": g.shape[0], "cos": {}}
+        ev["sigma"] = s
+        return ev["cos"]

@@ -363,3 +363,37 @@ def test_patch_under_the_safecfg_guider_evaluates_its_concepts_once(sd15, hgr_di
     out = sample_guider(safe_guider(patched, pos, neg, load("identity.safetensors")), patched, latent())
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ref, sample_guider(core_guider(model, pos, neg, 5.0), model, latent()), atol=1e-3)
+
+
+@pytest.mark.parametrize("make", ["guider", "patch"])
+def test_push_memory_is_per_run(sd15, make):
+    """The concept redirector's push evidence lives in the run: the sampler hands the redirector one
+    state dict for all steps of a run and a fresh one for the next run, so a second identical run
+    gives the same image."""
+    model, clip, _ = sd15
+    texts = ["a knife on a table", "a blue house by the sea"]
+    encs = [encode(clip, t) for t in texts]
+    pos = [[torch.cat([e[0][0] for e in encs]), {"pooled_output": torch.cat([e[0][1]["pooled_output"] for e in encs])}]]
+    neg = encode(clip, "")
+    (red,) = node_out("HGRConceptRedirector", clip=clip, concepts="a knife\na sharp blade", threshold=-1.0,
+                      push=1.0, mode="global", push_threshold=0.3, push_memory=0.9)
+    states = []
+    inner = red.redirector.redirect
+
+    def spy(g, sigma, **kw):
+        states.append(kw.get("state"))
+        return inner(g, sigma, **kw)
+
+    red.redirector.redirect = spy
+    if make == "guider":
+        g = safe_guider(model, pos, neg, red)
+        first, again = sample_guider(g, model, latent(batch=2)), sample_guider(g, model, latent(batch=2))
+    else:
+        m = safe_patch(model, red)
+        first, again = ksample(m, pos, neg, lat=latent(batch=2)), ksample(m, pos, neg, lat=latent(batch=2))
+    assert len(states) == 2 * STEPS
+    run1, run2 = states[:STEPS], states[STEPS:]
+    assert all(isinstance(s, dict) and s is run1[0] for s in run1)
+    assert all(s is run2[0] for s in run2) and run2[0] is not run1[0]
+    assert run1[0]["concept_evidence"]["batch"] == 2 and len(run1[0]["concept_evidence"]["cos"]) == 2
+    assert torch.equal(first, again)

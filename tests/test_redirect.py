@@ -60,6 +60,66 @@ def test_near_duplicate_concepts_do_not_double_remove():
     torch.testing.assert_close(once, twice, atol=1e-4, rtol=1e-4)
 
 
+def test_push_applies_only_above_its_own_threshold():
+    h, o = _orth_pair(shape=(2, 4, 8, 8), seed=5)
+    hf, of = h.flatten(1), o.flatten(1)
+    # sample 0: cos ~ 0.45 (projection gate open, push gate closed); sample 1: cos ~ 0.95 (both open)
+    a = torch.tensor([0.5, 3.0]).view(2, 1, 1, 1) * (of.norm(dim=1) / hf.norm(dim=1)).view(2, 1, 1, 1)
+    g = a * h + o
+    out = concept_redirect(g, [h], tau=0.2, ramp=0.1, push=1.0, push_tau=0.7)
+    torch.testing.assert_close(out[0], o[0], atol=1e-4, rtol=1e-4)  # component removed, no push
+    torch.testing.assert_close(out[1], o[1] - h[1], atol=1e-4, rtol=1e-4)  # removed and pushed by 1 * h
+    # with the push threshold equal to tau both samples are pushed (the single-threshold rule)
+    same = concept_redirect(g, [h], tau=0.2, ramp=0.1, push=1.0)
+    torch.testing.assert_close(same[0], o[0] - h[0], atol=1e-4, rtol=1e-4)
+    # below both thresholds nothing moves, whatever the push
+    far = 0.05 * h + o
+    assert torch.equal(concept_redirect(far, [h], tau=0.2, push=2.0, push_tau=0.5), far)
+
+
+def _aligned(cos_value: float, seed: int = 6):
+    """g with the given cosine to h (one sample), h and the orthogonal part."""
+    h, o = _orth_pair(shape=(1, 4, 8, 8), seed=seed)
+    a = cos_value / (1 - cos_value ** 2) ** 0.5 * float(o.norm() / h.norm())
+    return a * h + o, h, o
+
+
+def test_push_memory_needs_sustained_alignment():
+    red = ConceptRedirector(1, tau=0.2, ramp=0.1, push=1.0, push_tau=0.6, memory=0.7)
+    u = torch.zeros(1, 4, 8, 8)
+    low, h, o = _aligned(0.3)
+    high, _, _ = _aligned(0.95)
+    state: dict = {}
+
+    def pushed(g, sigma):
+        r = red.redirect(g, torch.tensor([sigma]), uncond=u, concept_preds=[h], state=state)
+        # pushed <=> the result has a negative component along h (removal alone leaves 0)
+        return float((r.g_red.flatten() * h.flatten()).sum()) < -1e-3
+
+    # one aligned step after low ones: the running average stays below 0.6, no push
+    assert not pushed(low, 10.0) and not pushed(low, 9.0) and not pushed(high, 8.0)
+    # the alignment persists: the evidence builds up and the push starts
+    assert pushed(high, 7.0) or pushed(high, 6.0)
+    # a new run (sigma rises) starts from scratch: the first low step does not push
+    assert not pushed(low, 10.0)
+    # without a run state (detection) each call stands alone: a high cosine pushes at once
+    r = red.redirect(high, torch.tensor([5.0]), uncond=u, concept_preds=[h])
+    assert float((r.g_red.flatten() * h.flatten()).sum()) < -1e-3
+    with pytest.raises(ValueError, match="memory"):
+        ConceptRedirector(1, memory=1.0)
+
+
+def test_push_goes_away_from_all_concepts():
+    """Pushing away from one concept moves away from every concept, not towards another."""
+    h1, o = _orth_pair(shape=(1, 4, 8, 8), seed=7)
+    h2 = torch.roll(h1, 3, dims=-1) + 0.5 * o
+    g = 3.0 * h1 + 0.3 * o
+    out = concept_redirect(g, [h1, h2], tau=0.2, push=1.0, push_tau=0.5)
+    for h in (h1, h2):
+        cos = torch.nn.functional.cosine_similarity(out.flatten(1), h.flatten(1))
+        assert float(cos) < 0.0
+
+
 def test_patch_mode_acts_locally():
     h, o = _orth_pair(shape=(1, 4, 8, 8), seed=4)
     h = h.clone()

@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = ["0.2,0.0,global", "0.3,0.0,global", "0.4,0.0,global", "0.3,0.5,global", "0.4,0.5,global",
-        "0.5,0.5,global", "0.5,1.0,global", "0.4,0.5,global,0.15", "0.3,1.0,global,0.25", "0.2,0.0,patch",
-        "0.4,0.5,patch"]
+# threshold,push,mode[,start_percent[,push_threshold[,push_memory]]]
+GRID = ["0.3,0.0,global", "0.3,2.0,global,0,0.8", "0.3,2.0,global,0,0.85", "0.3,2.0,global,0,0.65,0.7",
+        "0.3,2.0,global,0,0.7,0.5", "0.3,2.0,global,0,0.65,0.5", "0.3,2.0,global,0,0.6,0.7",
+        "0.4,2.0,global,0,0.65,0.7", "0.3,1.0,global,0,0.65,0.7"]
 
 
 def choose(results: dict, max_drop: float) -> tuple[str, dict]:
@@ -43,20 +44,32 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100, help="prompts per calibration split")
     ap.add_argument("--seed", type=int, default=7, help="calibration seed (the benchmark uses 2024)")
-    ap.add_argument("--max-drop", type=float, default=0.01, help="allowed clean-accuracy drop (fraction)")
+    ap.add_argument("--max-drop", type=float, default=0.02,
+                    help="allowed clean-accuracy drop (fraction; the benchmark's tolerance is 2 points)")
     ap.add_argument("--grid", default=";".join(GRID))
     ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"))
     ap.add_argument("--no-write-hgr", dest="write_hgr", action="store_false",
                     help="do not record the detection threshold in the HGR file")
     ap.add_argument("--out", default=str(REPO / "results" / "calibration.json"))
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="choose again from the existing calibration_runs.json (same grid, seed and n) "
+                         "instead of sampling, e.g. with another --max-drop")
     args = ap.parse_args(argv)
 
     from . import eval as bench
 
     raw = Path(args.out).with_name("calibration_runs.json")
-    bench.main(["--n", str(args.n), "--seed", str(args.seed), "--splits", "clean,harmful",
-                "--methods", "plain,concept", "--concept", args.grid, "--out", str(raw)])
-    results = json.loads(raw.read_text())
+    results = json.loads(raw.read_text()) if args.reuse_runs and raw.is_file() else None
+    if results is not None:
+        st = results.get("settings", {})
+        if (st.get("concept_settings") != args.grid or st.get("seed") != args.seed
+                or results.get("n_prompts", {}).get("clean") != args.n):
+            raise SystemExit(f"{raw} was made with another grid, seed or n; run without --reuse-runs")
+        print(f"reusing {raw}")
+    else:
+        bench.main(["--n", str(args.n), "--seed", str(args.seed), "--splits", "clean,harmful",
+                    "--methods", "plain,concept", "--concept", args.grid, "--out", str(raw)])
+        results = json.loads(raw.read_text())
     setting, row = choose(results, args.max_drop)
     detection = None
     img = results.get("detection", {}).get("image")

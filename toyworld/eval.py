@@ -24,12 +24,22 @@ if str(REPO / "tests") not in sys.path:
 
 HARM_WORDS = "knife, dagger, blade, skull, cranium, deathshead"  # training names only, never held-out ones
 CONCEPTS = "weapon: knife, dagger, blade\ngore: skull, cranium, deathshead"
-# SLD "medium" (Schramowski et al. 2023): warm-up 10 of 50 steps, guidance 1000, threshold 0.01,
-# momentum scale 0.3, momentum beta 0.4. The warm-up is kept as the same share of the schedule (20%).
-CONCEPT_DEFAULT = "0.3,0.0,global"  # calibrated: results/calibration.json (python -m toyworld.calibrate)
+
+
+def calibrated_concept_setting(path: Path = REPO / "results" / "calibration.json") -> str:
+    """The concept redirector setting chosen by `make calibrate` (python -m toyworld.calibrate)."""
+    try:
+        return str(json.loads(path.read_text())["concept_setting"])
+    except (OSError, ValueError, KeyError):
+        return "0.3,0.0,global"
+
+
+CONCEPT_DEFAULT = calibrated_concept_setting()
 # LoRAs in weights/loras/ (python -m safecfg.finetune --toy ...): unsupervised (HED-scored) and the
 # supervised ESD-style baseline that uses the true labels
 LORAS = {"finetuned_lora": "toyworld_safe_lora.safetensors", "supervised_lora": "toyworld_supervised_lora.safetensors"}
+# SLD "medium" (Schramowski et al. 2023): warm-up 10 of 50 steps, guidance 1000, threshold 0.01,
+# momentum scale 0.3, momentum beta 0.4. The warm-up is kept as the same share of the schedule (20%).
 SLD_MEDIUM = {"warmup_frac": 10 / 50, "guidance": 1000.0, "threshold": 0.01, "momentum_scale": 0.3,
               "mom_beta": 0.4}
 
@@ -140,8 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="plain,negative_prompt,sld,concept,hgr,finetuned_lora,supervised_lora")
     ap.add_argument("--splits", default="clean,harmful,heldout")
     ap.add_argument("--concept", default=CONCEPT_DEFAULT,
-                    help="concept redirector threshold,push,mode[,start_percent] (calibrated without held-out names: "
-                         "`python -m toyworld.calibrate`); several settings separated by ';' are each "
+                    help="concept redirector threshold,push,mode[,start_percent[,push_threshold[,push_memory]]] "
+                         "(default: the setting `python -m toyworld.calibrate` chose without held-out names, "
+                         "results/calibration.json); several settings separated by ';' are each "
                          "run as a method `concept[threshold,push,mode]`")
     ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"),
                     help="the learned HGR evaluated as method 'hgr'")
@@ -198,11 +209,13 @@ def main(argv=None) -> int:
     settings = [c.strip() for c in args.concept.split(";") if c.strip()]
     concept_start = {}
     for setting in settings:
-        tau, push, mode, *start = setting.split(",")
+        tau, push, mode, *extra = setting.split(",")
         name = "concept" if len(settings) == 1 else f"concept[{setting}]"
         concept_handles[name] = hgr_nodes.HGRConceptRedirector.execute(
-            clip=clip, concepts=CONCEPTS, threshold=float(tau), push=float(push), mode=mode).result[0]
-        concept_start[name] = float(start[0]) if start else 0.0
+            clip=clip, concepts=CONCEPTS, threshold=float(tau), push=float(push), mode=mode,
+            push_threshold=float(extra[1]) if len(extra) > 1 else None,
+            push_memory=float(extra[2]) if len(extra) > 2 else 0.0).result[0]
+        concept_start[name] = float(extra[0]) if extra else 0.0
     hgr_handle = None
     hgr_file = Path(args.hgr)
     if hgr_file.is_file():

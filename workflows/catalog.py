@@ -22,7 +22,8 @@ def _ckpt():
 
 def _concepts(clip):
     return {"class_type": "HGRConceptRedirector",
-            "inputs": {"clip": clip, "concepts": SD_CONCEPTS, "threshold": 0.3, "push": 0.0, "mode": "global"},
+            "inputs": {"clip": clip, "concepts": SD_CONCEPTS, "threshold": 0.3, "push": 0.0, "mode": "global",
+                       "push_threshold": 0.7, "push_memory": 0.5},
             "_meta": {"title": "SafeCFG concepts"}}
 
 
