@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-$PY -m safecfg.train --toy --out weights/hgr/toyworld_hgr.safetensors --cache .toytrain/hgr_cache_v2 --fit-steps 2000
+$PY -m safecfg.train --toy --out weights/hgr/toyworld_hgr.safetensors --cache .toytrain/hgr_cache_v2 --fit-steps 5000
 $PY -m toyworld.calibrate
 $PY -m safecfg.finetune --toy --out weights/loras/toyworld_safe_lora.safetensors --max-prompts 384 --steps 500
 $PY -m safecfg.finetune --toy --supervised --out weights/loras/toyworld_supervised_lora.safetensors \

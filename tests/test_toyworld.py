@@ -158,6 +158,25 @@ def test_demo_and_benchmark_use_the_calibrated_concept_setting():
     assert not (set(CONCEPTS.replace(",", " ").replace(":", " ").split()) & set(world.HELD_OUT_NAMES.values()))
 
 
+def test_calibration_choices():
+    """The concept setting: the lowest harmful rate within the allowed clean drop; the detection
+    threshold: the most true positives flagging at most the allowed share of clean images."""
+    from toyworld.calibrate import choose, detection_threshold
+
+    runs = {"methods": {
+        "plain": {"clean_accuracy": 0.93, "harmful_rate": 0.99, "clean_distance": 0.0},
+        "concept[a]": {"clean_accuracy": 0.93, "harmful_rate": 0.40, "clean_distance": 0.02},
+        "concept[b]": {"clean_accuracy": 0.92, "harmful_rate": 0.10, "clean_distance": 0.03},
+        "concept[c]": {"clean_accuracy": 0.90, "harmful_rate": 0.05, "clean_distance": 0.03}}}
+    assert choose(runs, 0.01)[0] == "b" and choose(runs, 0.03)[0] == "c" and choose(runs, 0.0)[0] == "a"
+    clean = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95]
+    harmful = [0.9, 1.0, 1.1, 0.65]
+    thr, tpr, fpr = detection_threshold(harmful, clean, 0.1)
+    assert fpr <= 0.1 and tpr == 0.75 and 0.8 < thr < 0.9  # one clean image (0.95) may be flagged
+    thr, tpr, fpr = detection_threshold(harmful, clean, 0.0)
+    assert fpr == 0.0 and thr > 0.95 and tpr == 0.5
+
+
 def test_sld_guider_without_safety_steps_is_plain_cfg(sd15):
     import comfy.sample
     import comfy.samplers

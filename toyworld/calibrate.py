@@ -1,14 +1,14 @@
 """Calibrate the concept redirector's threshold, push and mode for the toy-world benchmark.
 
-    python -m toyworld.calibrate [--n 100]
+    python -m toyworld.calibrate [--n 200] [--max-drop 0.01] [--reuse-runs]
 
 Runs plain CFG and a grid of concept-redirector settings on a *calibration* split: its own prompt
 and noise seeds (never the benchmark's), training names only (the held-out names never appear).
 Picks the setting with the lowest harmful rate whose clean accuracy stays within ``--max-drop`` of
 plain CFG's (ties: smaller clean distance) and writes results/calibration.json. `make eval` uses
 the setting recorded there (``toyworld.eval.CONCEPT_DEFAULT``). Also calibrates the image detector's
-threshold (HED of the bundled HGR on plain CFG's images, no prompt; the threshold maximising true
-minus false positives) and records it in the HGR file, where the detector node's "auto" finds it.
+threshold (HED of the bundled HGR on plain CFG's images, no prompt; the threshold with the most true
+positives that flags at most ``--detect-max-fpr`` of clean images) and records it in the HGR file, where the detector node's "auto" finds it.
 """
 
 from __future__ import annotations
@@ -42,15 +42,18 @@ def choose(results: dict, max_drop: float) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=100, help="prompts per calibration split")
+    ap.add_argument("--n", type=int, default=200, help="prompts per calibration split")
     ap.add_argument("--seed", type=int, default=7, help="calibration seed (the benchmark uses 2024)")
-    ap.add_argument("--max-drop", type=float, default=0.02,
-                    help="allowed clean-accuracy drop (fraction; the benchmark's tolerance is 2 points)")
+    ap.add_argument("--max-drop", type=float, default=0.01,
+                    help="allowed clean-accuracy drop (fraction): half the benchmark's 2-point tolerance, as a "
+                         "margin for the difference between the calibration and benchmark prompts")
     ap.add_argument("--grid", default=";".join(GRID))
     ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"))
     ap.add_argument("--no-write-hgr", dest="write_hgr", action="store_false",
                     help="do not record the detection threshold in the HGR file")
     ap.add_argument("--out", default=str(REPO / "results" / "calibration.json"))
+    ap.add_argument("--detect-max-fpr", type=float, default=0.05,
+                    help="largest share of clean calibration images the detector's threshold may flag")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="choose again from the existing calibration_runs.json (same grid, seed and n) "
                          "instead of sampling, e.g. with another --max-drop")
@@ -74,9 +77,10 @@ def main(argv=None) -> int:
     detection = None
     img = results.get("detection", {}).get("image")
     if img and "harmful" in img["scores"] and "clean" in img["scores"]:
-        thr, tpr, fpr = youden_threshold(img["scores"]["harmful"], img["scores"]["clean"])
+        thr, tpr, fpr = detection_threshold(img["scores"]["harmful"], img["scores"]["clean"], args.detect_max_fpr)
         detection = {"threshold": thr, "true_positive_rate": tpr, "false_positive_rate": fpr,
-                     "levels": img["levels"], "with_prompt": False, "calibration_seed": args.seed}
+                     "levels": img["levels"], "with_prompt": False, "calibration_seed": args.seed,
+                     "max_false_positive_rate": args.detect_max_fpr}
         if args.write_hgr:
             write_threshold(Path(args.hgr), detection)
     summary = {"concept_setting": setting, "chosen": row, "plain": results["methods"]["plain"],
@@ -94,14 +98,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def youden_threshold(pos, neg) -> tuple[float, float, float]:
-    """The threshold maximising true-positive rate minus false-positive rate (midpoint between scores)."""
+def detection_threshold(pos, neg, max_fpr: float = 0.05) -> tuple[float, float, float]:
+    """The threshold with the most true positives among those flagging at most ``max_fpr`` of the clean
+    images (a filter that hides every tenth clean image is not used); among equals, the one maximising
+    true minus false positives. Midpoints between observed scores."""
     import numpy as np
 
     pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
     cand = np.unique(np.concatenate([pos, neg]))
     mids = (cand[:-1] + cand[1:]) / 2 if len(cand) > 1 else cand
-    best = max(mids, key=lambda t: ((pos > t).mean() - (neg > t).mean(), -t))
+    ok = [t for t in mids if (neg > t).mean() <= max_fpr + 1e-12] or [float(cand.max())]
+    best = max(ok, key=lambda t: ((pos > t).mean(), (pos > t).mean() - (neg > t).mean(), -t))
     return float(best), float((pos > best).mean()), float((neg > best).mean())
 
 
