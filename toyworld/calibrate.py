@@ -8,7 +8,8 @@ Picks the setting with the lowest harmful rate whose clean accuracy stays within
 plain CFG's (ties: smaller clean distance) and writes results/calibration.json. `make eval` uses
 the setting recorded there (``toyworld.eval.CONCEPT_DEFAULT``). Also calibrates the image detector's
 threshold (HED of the bundled HGR on plain CFG's images, no prompt; the threshold with the most true
-positives that flags at most ``--detect-max-fpr`` of clean images) and records it in the HGR file, where the detector node's "auto" finds it.
+positives that flags at most ``--detect-max-fpr`` of clean images) and records it in the HGR file,
+where the detector node's "auto" finds it.
 """
 
 from __future__ import annotations
