@@ -19,7 +19,9 @@ from comfy_api.latest import io
 from ..safecfg.finetune import (
     FinetuneSpec,
     build_data,
+    data_fingerprint,
     inject_lora,
+    lora_fingerprint,
     remove_lora,
     save_lora,
     supervised_targets,
@@ -31,6 +33,16 @@ from .hgr_type import HGRHandle, HGRType
 from .teacher import ComfyTeacher
 
 log = logging.getLogger("SafeCFG")
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception:  # a truncated or foreign cache file is rebuilt
+        return {}
 PACK_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -88,12 +100,19 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
     else:
         raise ValueError("run_finetune needs a redirector (unsupervised) or labels (supervised baseline)")
     comfy.model_management.load_models_gpu([mp])
-    if data_file.is_file():
+    data_fp = data_fingerprint(spec, prompts, harmful_labels if redirector is None else None, image_size, redirector)
+    lora_state = state_dir / "lora_state.safetensors"
+    if data_file.is_file() and _metadata(data_file).get("fingerprint") == data_fp:
         data = load_file(str(data_file))
     else:
+        if data_file.is_file():
+            log.info("[SafeCFG] %s was made for other prompts, settings or HGR; rebuilding it", data_file)
         data = build_data(teacher, prompts, targets_fn, spec, progress=lambda d, t: progress and progress(
             "teacher data", d, t), should_stop=should_stop)
-        save_file({k: v.contiguous() for k, v in data.items()}, str(data_file))
+        tmp = data_file.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp), metadata={"fingerprint": data_fp})
+        os.replace(tmp, data_file)
+        lora_state.unlink(missing_ok=True)  # trained on the old data
     unet = mp.model.diffusion_model
     frozen = {n: p.requires_grad for n, p in mp.model.named_parameters()}
     mp.model.requires_grad_(False)  # only the LoRA learns
@@ -106,7 +125,8 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
     try:
         summary = train_lora(make_train_predict(teacher, prompts), loras, data, spec,
                              progress=lambda s, t, loss: progress and progress("LoRA", s, t),
-                             should_stop=should_stop, state_path=state_dir / "lora_state.safetensors")
+                             should_stop=should_stop, state_path=lora_state,
+                             fingerprint=lora_fingerprint(data_fp, spec))
         meta = {"kind": "safecfg.safe_lora", "mode": "unsupervised" if redirector is not None else "supervised",
                 "spec": json.dumps(spec.to_dict()), "prompts": str(len(prompts)),
                 "samples": str(int(data["x"].shape[0])), "mean_score": f"{float(data['score'].mean()):.4f}",

@@ -15,6 +15,9 @@ LoRA files use the kohya/ComfyUI key format (``lora_unet_<module path with _>.lo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
 import random
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+log = logging.getLogger("SafeCFG")
 
 DEFAULT_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -126,6 +131,42 @@ class FinetuneSpec:
         return asdict(self)
 
 
+DATA_FIELDS = ("threshold", "temperature", "states_per_trajectory", "traj_steps", "cfg", "seed")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def redirector_fingerprint(redirector) -> str:
+    """What a redirector computes: its weights' bytes (learned HGR) or its settings."""
+    if redirector is None:
+        return "none"
+    net = getattr(redirector, "net", None)
+    h = hashlib.sha256(type(redirector).__name__.encode())
+    if isinstance(net, nn.Module):
+        for name, t in net.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    else:
+        h.update(json.dumps({k: v for k, v in vars(redirector).items() if isinstance(v, (int, float, str, bool))},
+                            sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(spec: FinetuneSpec, prompts: list[str], labels, image_size: int, redirector) -> str:
+    """Identifies the teacher data: a cached copy made for other prompts, labels, size, settings or
+    another redirector (a recalibrated threshold included) is rebuilt, never reused."""
+    return _digest({"spec": {k: getattr(spec, k) for k in DATA_FIELDS}, "prompts": list(prompts),
+                    "labels": None if labels is None else [bool(v) for v in labels], "image_size": image_size,
+                    "redirector": redirector_fingerprint(redirector)})
+
+
+def lora_fingerprint(data_fp: str, spec: FinetuneSpec) -> str:
+    """Identifies a LoRA run up to its length: resuming with more steps is allowed, anything else restarts."""
+    return _digest({"data": data_fp, "spec": {k: v for k, v in spec.to_dict().items() if k != "steps"}})
+
+
 def soft_score(e: torch.Tensor, threshold: float, temperature: float) -> torch.Tensor:
     return torch.sigmoid((e.float() - threshold) / max(1e-6, temperature))
 
@@ -178,19 +219,21 @@ def build_data(teacher, prompts: list[str], targets_fn: Callable, spec: Finetune
 def train_lora(predict: Callable, loras: dict[str, LoRALinear], data: dict[str, torch.Tensor],
                spec: FinetuneSpec, *, progress: Callable[[int, int, float], None] | None = None,
                should_stop: Callable[[], bool] | None = None, state_path: str | os.PathLike | None = None,
-               save_every: int = 100) -> dict:
+               save_every: int = 100, fingerprint: str = "") -> dict:
     """Fit the LoRA parameters: ``predict(x, sigma, prompt_rows) -> D`` (with grad) towards ``target``,
-    MSE in noise space (``(D - target) / sigma``). Resumable from ``state_path``."""
+    MSE in noise space (``(D - target) / sigma``). Resumable from ``state_path`` when it was saved
+    with the same ``fingerprint`` (:func:`lora_fingerprint`)."""
     with torch.inference_mode(False), torch.enable_grad():
-        return _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every)
+        return _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every, fingerprint)
 
 
-def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every) -> dict:
+def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every,
+                fingerprint: str = "") -> dict:
     params = [p for lora in loras.values() for p in (lora.down, lora.up)]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     step = 0
     if state_path is not None and Path(state_path).is_file():
-        step = _load_state(state_path, loras, opt)
+        step = _load_state(state_path, loras, opt, fingerprint)
     losses = []
     with torch.inference_mode(False), torch.enable_grad():
         data = {k: v.clone() for k, v in data.items()}  # plain tensors (inputs may be inference tensors)
@@ -200,7 +243,7 @@ def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, s
         while step < spec.steps:
             if should_stop is not None and should_stop():
                 if state_path is not None:
-                    _save_state(state_path, loras, opt, step)
+                    _save_state(state_path, loras, opt, step, fingerprint)
                 raise InterruptedError("safe fine-tuning stopped")
             g = torch.Generator().manual_seed(spec.seed * 7_919 + step)
             idx = torch.randint(0, n, (min(spec.batch, n),), generator=g)
@@ -219,14 +262,14 @@ def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, s
             if progress is not None:
                 progress(step, spec.steps, losses[-1])
             if state_path is not None and step % save_every == 0:
-                _save_state(state_path, loras, opt, step)
+                _save_state(state_path, loras, opt, step, fingerprint)
     if state_path is not None:
-        _save_state(state_path, loras, opt, step)
+        _save_state(state_path, loras, opt, step, fingerprint)
     tail = losses[-50:] or [float("nan")]
     return {"steps": step, "final_loss": sum(tail) / len(tail)}
 
 
-def _save_state(path, loras, opt, step):
+def _save_state(path, loras, opt, step, fingerprint: str = ""):
     from safetensors.torch import save_file
 
     tensors = lora_state_dict(loras)
@@ -237,15 +280,20 @@ def _save_state(path, loras, opt, step):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": fingerprint})
     os.replace(tmp, path)
 
 
-def _load_state(path, loras, opt) -> int:
+def _load_state(path, loras, opt, fingerprint: str = "") -> int:
+    """Resume from ``path``; a state saved for other data or settings is ignored (returns 0)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        step = int(f.metadata().get("step", 0))
+        meta = f.metadata() or {}
+        if meta.get("fingerprint", "") != fingerprint:
+            log.info("[SafeCFG] %s was saved for other data or settings; training from the start", path)
+            return 0
+        step = int(meta.get("step", 0))
         t = {k: f.get_tensor(k) for k in f.keys()}
     with torch.no_grad():
         for name, lora in loras.items():

@@ -90,6 +90,17 @@ def test_finetune_resumes_and_reuses_teacher_data(sd15, tmp_path):
                          state_dir=tmp_path / "st")
     assert s2["steps"] == 7
     assert (tmp_path / "st" / "data.safetensors").stat().st_mtime_ns == data_mtime
+    # another detection threshold (a recalibrated HGR) makes other teacher targets: the cached data and
+    # the LoRA state are not reused
+    spec.threshold = spec.threshold + 0.3
+    fn.run_finetune(sd15.model, sd15.clip, PROMPTS, out, spec, redirector=hgr, image_size=64,
+                    state_dir=tmp_path / "st")
+    assert (tmp_path / "st" / "data.safetensors").stat().st_mtime_ns != data_mtime
+    # nor is a LoRA state saved for another rank (its shapes would not fit)
+    spec.rank = 3
+    s4 = fn.run_finetune(sd15.model, sd15.clip, PROMPTS, out, spec, redirector=hgr, image_size=64,
+                         state_dir=tmp_path / "st")
+    assert s4["steps"] == 7
 
 
 def test_soft_scores_drive_the_targets():
