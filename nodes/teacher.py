@@ -23,6 +23,25 @@ class ComfyTeacher:
         self.sampler, self.scheduler = sampler, scheduler
         self._conds: dict[str, list] = {}
 
+    def fingerprint(self) -> str:
+        """Identifies the model a teacher cache was made with (cheap: per-tensor sums of the UNet, its
+        patches, one text embedding and the sampling settings), so a cache of another checkpoint is
+        never reused."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+            import json
+
+            h = hashlib.sha256(json.dumps([self.latent_format, self.width, self.height, self.sampler,
+                                           self.scheduler]).encode())
+            with torch.no_grad():
+                for name, p in self.mp.model.diffusion_model.named_parameters():
+                    h.update(f"{name}{tuple(p.shape)}{float(p.float().sum()):.6e}".encode())
+                for k in sorted(self.mp.patches):
+                    h.update(f"{k}{len(self.mp.patches[k])}".encode())
+                h.update(f"{float(self.cond('a photo')[0][0].float().sum()):.6e}".encode())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
     def cond(self, text: str) -> list:
         if text not in self._conds:
             with torch.no_grad():  # constants for training: never part of an autograd graph

@@ -15,6 +15,7 @@ method is testable on tensors alone:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -104,6 +105,7 @@ def build_cache(teacher: Teacher, data: PromptData, out_dir: str | os.PathLike, 
     rng.shuffle(items)
     units = [items[i:i + spec.batch] for i in range(0, len(items), spec.batch)]
     lo, hi = teacher.sigma_range()
+    model_fp = teacher.fingerprint() if hasattr(teacher, "fingerprint") else ""
     paths = []
     for u, unit in enumerate(units):
         if u % num_shards != shard:
@@ -112,8 +114,12 @@ def build_cache(teacher: Teacher, data: PromptData, out_dir: str | os.PathLike, 
         paths.append(path)
         if progress:
             progress(u, len(units))
+        unit_fp = hashlib.sha256(json.dumps({"spec": spec.__dict__, "unit": unit, "model": model_fp},
+                                            sort_keys=True, default=str).encode()).hexdigest()[:32]
         if path.is_file():
-            continue
+            if _shard_fingerprint(path) == unit_fp:
+                continue
+            log.info("[SafeCFG] %s was made for other prompts, settings or model; rebuilding it", path)
         if should_stop and should_stop():
             raise InterruptedError("cache building was cancelled; run again to resume")
         prompts = [p for p, _, _ in unit]
@@ -137,15 +143,27 @@ def build_cache(teacher: Teacher, data: PromptData, out_dir: str | os.PathLike, 
             rec["category"].append(cats.to(torch.int32))
         tensors = {k: torch.cat(v).contiguous() for k, v in rec.items()}
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"spec": json.dumps(spec.__dict__, default=str)})
+        save_file(tensors, str(tmp), metadata={"spec": json.dumps(spec.__dict__, default=str), "unit": unit_fp})
         os.replace(tmp, path)
     if progress:
         progress(len(units), len(units))
     return paths
 
 
-def load_cache(cache_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    paths = sorted(Path(cache_dir).glob("cache-*.safetensors"))
+def _shard_fingerprint(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("unit")
+    except Exception:  # truncated or foreign: rebuilt
+        return None
+
+
+def load_cache(cache_dir: str | os.PathLike, paths: list[Path] | None = None) -> dict[str, torch.Tensor]:
+    """The cache's shards concatenated: ``paths`` (what :func:`build_cache` returned), else every shard
+    in ``cache_dir``."""
+    paths = sorted(paths) if paths is not None else sorted(Path(cache_dir).glob("cache-*.safetensors"))
     if not paths:
         raise FileNotFoundError(f"no cache shards in {cache_dir}; build the cache first")
     parts = [load_file(str(p)) for p in paths]
@@ -261,9 +279,9 @@ def train_hgr(teacher: Teacher, data: PromptData, cache_dir: str | os.PathLike, 
 
     cache_spec, fit_spec = cache_spec or CacheSpec(), fit_spec or FitSpec()
     config = config or HGRConfig(latent_channels=teacher.latent_channels)
-    build_cache(teacher, data, cache_dir, cache_spec, should_stop=should_stop,
-                progress=(lambda d, t: progress("cache", d, t)) if progress else None)
-    cache = load_cache(cache_dir)
+    paths = build_cache(teacher, data, cache_dir, cache_spec, should_stop=should_stop,
+                        progress=(lambda d, t: progress("cache", d, t)) if progress else None)
+    cache = load_cache(cache_dir, paths)  # shards left from a larger prompt file are not used
     hgr, summary = fit(cache, config, fit_spec, latent_format=getattr(teacher, "latent_format", ""),
                        categories=data.category_names, device=device, should_stop=should_stop,
                        progress=(lambda d, t, v: progress("fit", d, t)) if progress else None)

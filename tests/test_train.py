@@ -38,6 +38,14 @@ def test_cache_fit_and_file_on_tiny_sd15(sd15, tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in paths]
     train.build_cache(teacher, data, tmp_path / "cache", spec)
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
+    # an edited prompt file: the shards whose prompts changed are rebuilt, the others kept
+    edited = train.PromptData(harmful=data.harmful, safe=data.safe, categories=data.categories,
+                              clean=data.clean[:-1] + ["a yellow boat"])
+    train.build_cache(teacher, edited, tmp_path / "cache", spec)
+    changed = [p.stat().st_mtime_ns != m for p, m in zip(paths, mtimes)]
+    assert any(changed) and not all(changed)
+    train.build_cache(teacher, data, tmp_path / "cache", spec)  # back to the original prompts
+    mtimes = [p.stat().st_mtime_ns for p in paths]
     hgr_net = pack_mod("safecfg.hgr_net")
     cfg = hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16)
     hgr, summary = train.fit(cache, cfg, train.FitSpec(steps=60, batch=8, eval_every=20, lr=3e-3),
