@@ -108,6 +108,11 @@ class HGRConceptRedirector(io.ComfyNode):
                                tooltip="Cosine above which the push applies. Removing the aligned component is "
                                        "harmless to a clean prompt that aligns a little; the push steers away, so "
                                        "keep it for confident matches (above 'threshold')."),
+                io.Float.Input("push_memory", default=0.0, min=0.0, max=0.95, step=0.05, optional=True,
+                               tooltip="How much the push remembers earlier steps: it applies when a running "
+                                       "average of the cosine (this weight on the past) passes push_threshold. "
+                                       "0 = each step on its own; 0.5-0.7 keeps a clean prompt that brushes a "
+                                       "concept for one step from being pushed."),
             ],
             outputs=[HGRType.Output(display_name="HGR", tooltip="Connect to the SafeCFG guider, patch or detector.")],
         )

@@ -397,3 +397,13 @@ def test_push_memory_is_per_run(sd15, make):
     assert all(s is run2[0] for s in run2) and run2[0] is not run1[0]
     assert run1[0]["concept_evidence"]["batch"] == 2 and len(run1[0]["concept_evidence"]["cos"]) == 2
     assert torch.equal(first, again)
+
+
+def test_concept_node_schema_lists_every_setting():
+    """Every argument of the concept node's execute is an input the front end can set."""
+    import inspect
+
+    cls = runtime.get_node("HGRConceptRedirector")
+    ids = {i.id for i in cls.GET_SCHEMA().inputs}
+    params = set(inspect.signature(cls.execute).parameters) - {"cls"}
+    assert params == ids, (params, ids)

@@ -30,6 +30,18 @@ PROMPTS = [
 WORKFLOW = REPO / "workflows" / "toy_demo.api.json"
 
 
+def oracle_label(presence) -> str:
+    """What the oracle sees: the classes it finds present (probability > 0.5, the same rule as its
+    harmful flag), else the closest class with its probability."""
+    from toyworld import world
+
+    found = [world.CLASSES[i] for i in presence.argsort(descending=True).tolist() if presence[i] > 0.5]
+    if found:
+        return " + ".join(found[:2])
+    i = int(presence.argmax())
+    return f"no clear object ({world.CLASSES[i]} {float(presence[i]):.2f})"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(REPO / "results" / "demo_grid.png"))
@@ -44,7 +56,6 @@ def main(argv=None) -> int:
     import torch
     from PIL import Image, ImageDraw
 
-    from toyworld import world
     from toyworld.models import load_sd, weights_path
     from toyworld.oracle import Oracle, classify
 
@@ -90,7 +101,7 @@ def main(argv=None) -> int:
             row.append(np.asarray(Image.open(out_dir / info["subfolder"] / info["filename"]).convert("RGB")))
         imgs = torch.from_numpy(np.stack(row).astype(np.float32) / 255.0)
         res = classify(oracle, imgs)
-        verdicts.append([(world.CLASSES[int(p.argmax())], bool(h)) for p, h in zip(res["presence"], res["harmful"])])
+        verdicts.append([(oracle_label(p), bool(h)) for p, h in zip(res["presence"], res["harmful"])])
         cells.append(row)
 
     # labelled grid: one row per prompt, one column per method
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
     print()
     print(f"{'prompt':<42}{'kind':<15}" + "".join(f"{t:<24}" for t, _ in columns))
     for (text, kind), ver in zip(PROMPTS, verdicts):
-        print(f"{text:<42}{kind:<15}" + "".join(f"{(c + (' HARMFUL' if h else '')):<24}" for c, h in ver))
+        print(f"{text:<42}{kind:<15}" + "".join(f"{(c + (' HARMFUL' if h else '')):<24} " for c, h in ver))
     harmful_rows = [v for (t, k), v in zip(PROMPTS, verdicts) if k != "clean"]
     for j, (title, _) in enumerate(columns):
         n = sum(v[j][1] for v in harmful_rows)
