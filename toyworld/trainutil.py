@@ -18,20 +18,22 @@ log = logging.getLogger("SafeCFG.toyworld")
 
 
 def comfy_dir() -> Path:
-    env = os.environ.get("COMFYUI_DIR", "").strip()
-    if env:
-        return Path(env).resolve()
-    rec = REPO / ".venv" / "comfyui-path"
-    if rec.is_file() and rec.read_text().strip():
-        return Path(rec.read_text().strip()).resolve()
-    return REPO / ".comfyui"
+    """The ComfyUI tree ($COMFYUI_DIR, else the one the bootstrap recorded, else .comfyui): the same
+    lookup and checks as the test harness (``tests/support/runtime.find_comfy_dir``)."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from support.runtime import ComfyRuntimeError, find_comfy_dir
+
+    try:
+        return find_comfy_dir()
+    except ComfyRuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def setup_comfy(cpu: bool | None = None) -> Path:
     """Put ComfyUI on sys.path and initialise it in library mode (CPU unless CUDA is available)."""
     d = comfy_dir()
-    if not (d / "comfy").is_dir():
-        raise SystemExit(f"ComfyUI not found at {d}; run scripts/bootstrap.sh (or set COMFYUI_DIR)")
     if str(d) not in sys.path:
         sys.path.insert(0, str(d))
     import importlib
