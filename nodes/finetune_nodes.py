@@ -28,21 +28,11 @@ from ..safecfg.finetune import (
     train_lora,
     unsupervised_targets,
 )
-from ..safecfg.train import PromptData
+from ..safecfg.train import PromptData, cache_metadata
 from .hgr_type import HGRHandle, HGRType
 from .teacher import ComfyTeacher
 
 log = logging.getLogger("SafeCFG")
-
-
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
-    except Exception:  # a truncated or foreign cache file is rebuilt
-        return {}
 PACK_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -102,7 +92,7 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
     comfy.model_management.load_models_gpu([mp])
     data_fp = data_fingerprint(spec, prompts, harmful_labels if redirector is None else None, image_size, redirector)
     lora_state = state_dir / "lora_state.safetensors"
-    if data_file.is_file() and _metadata(data_file).get("fingerprint") == data_fp:
+    if data_file.is_file() and cache_metadata(data_file).get("fingerprint") == data_fp:
         data = load_file(str(data_file))
     else:
         if data_file.is_file():

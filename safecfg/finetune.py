@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .train import digest
+
 log = logging.getLogger("SafeCFG")
 
 DEFAULT_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -134,10 +136,6 @@ class FinetuneSpec:
 DATA_FIELDS = ("threshold", "temperature", "states_per_trajectory", "traj_steps", "cfg", "seed")
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
 def redirector_fingerprint(redirector) -> str:
     """What a redirector computes: its weights' bytes (learned HGR) or its settings."""
     if redirector is None:
@@ -157,14 +155,14 @@ def redirector_fingerprint(redirector) -> str:
 def data_fingerprint(spec: FinetuneSpec, prompts: list[str], labels, image_size: int, redirector) -> str:
     """Identifies the teacher data: a cached copy made for other prompts, labels, size, settings or
     another redirector (a recalibrated threshold included) is rebuilt, never reused."""
-    return _digest({"spec": {k: getattr(spec, k) for k in DATA_FIELDS}, "prompts": list(prompts),
+    return digest({"spec": {k: getattr(spec, k) for k in DATA_FIELDS}, "prompts": list(prompts),
                     "labels": None if labels is None else [bool(v) for v in labels], "image_size": image_size,
                     "redirector": redirector_fingerprint(redirector)})
 
 
 def lora_fingerprint(data_fp: str, spec: FinetuneSpec) -> str:
     """Identifies a LoRA run up to its length: resuming with more steps is allowed, anything else restarts."""
-    return _digest({"data": data_fp, "spec": {k: v for k, v in spec.to_dict().items() if k != "steps"}})
+    return digest({"data": data_fp, "spec": {k: v for k, v in spec.to_dict().items() if k != "steps"}})
 
 
 def soft_score(e: torch.Tensor, threshold: float, temperature: float) -> torch.Tensor:

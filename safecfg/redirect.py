@@ -119,6 +119,12 @@ def _expand_regions(r: torch.Tensor, like: torch.Tensor, patch: int) -> torch.Te
     return r[:, :, : like.shape[2], : like.shape[3]]
 
 
+def _ramp(cos: torch.Tensor, start: float, ramp: float) -> torch.Tensor:
+    """0 below ``start``, rising to 1 at ``start + ramp``; the ramp never reaches past cos = 1, so a
+    perfectly aligned direction is always fully gated."""
+    return ((cos - start) / max(min(ramp, 1.0 - start), 1e-6)).clamp(0.0, 1.0)
+
+
 def concept_gates(g: torch.Tensor, h: torch.Tensor, tau: float, ramp: float, patch: int = 0):
     """Cosine of ``g`` to ``h`` per region, the gate rising 0 -> 1 from ``tau`` to ``min(tau + ramp, 1)``,
     and the projection coefficient ``<g,h>/<h,h>``."""
@@ -127,8 +133,7 @@ def concept_gates(g: torch.Tensor, h: torch.Tensor, tau: float, ramp: float, pat
     hh = _region_sum(h32 * h32, patch)
     gg = _region_sum(g32 * g32, patch)
     cos = dot / (gg.sqrt() * hh.sqrt() + 1e-12)
-    # the ramp never reaches past cos = 1, so a perfectly aligned direction is always fully gated
-    gate = ((cos - tau) / max(min(ramp, 1.0 - tau), 1e-6)).clamp(0.0, 1.0)
+    gate = _ramp(cos, tau, ramp)
     coef = dot / (hh + 1e-12)
     return cos, gate, coef
 
@@ -166,7 +171,7 @@ def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: fl
     """
     push_tau = tau if push_tau is None else push_tau
     out = g
-    pushed = False
+    p = None  # the push direction, made once when first needed
     for k, h in enumerate(directions):
         cos, gate, coef = concept_gates(out, h, tau, ramp, patch)
         pcos = cos
@@ -175,16 +180,13 @@ def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: fl
             if prev is not None and prev.shape == cos.shape and prev.device == cos.device:
                 pcos = memory * prev + (1.0 - memory) * cos
             evidence[k] = pcos.detach()
-        if push_tau == tau and pcos is cos:
-            pgate = gate
-        else:
-            pgate = ((pcos - push_tau) / max(min(ramp, 1.0 - push_tau), 1e-6)).clamp(0, 1)
+        pgate = gate if (push_tau == tau and pcos is cos) else _ramp(pcos, push_tau, ramp)
         if bool((gate > 0).any()):
             out = out - (_expand_regions(gate * coef, out, patch) * h.float()).to(out.dtype)
         if push > 0 and bool((pgate > 0).any()):
-            out = out - (_expand_regions(push * pgate, out, patch) * push_direction(directions)).to(out.dtype)
-            pushed = True
-    if pushed:
+            p = push_direction(directions) if p is None else p
+            out = out - (_expand_regions(push * pgate, out, patch) * p).to(out.dtype)
+    if p is not None:  # pushed: the removal pass once more
         out = concept_redirect(out, directions, tau=tau, ramp=ramp, push=0.0, patch=patch)
     return out
 

@@ -114,10 +114,9 @@ def build_cache(teacher: Teacher, data: PromptData, out_dir: str | os.PathLike, 
         paths.append(path)
         if progress:
             progress(u, len(units))
-        unit_fp = hashlib.sha256(json.dumps({"spec": spec.__dict__, "unit": unit, "model": model_fp},
-                                            sort_keys=True, default=str).encode()).hexdigest()[:32]
+        unit_fp = digest({"spec": spec.__dict__, "unit": unit, "model": model_fp})
         if path.is_file():
-            if _shard_fingerprint(path) == unit_fp:
+            if cache_metadata(path).get("unit") == unit_fp:
                 continue
             log.info("[SafeCFG] %s was made for other prompts, settings or model; rebuilding it", path)
         if should_stop and should_stop():
@@ -150,14 +149,20 @@ def build_cache(teacher: Teacher, data: PromptData, out_dir: str | os.PathLike, 
     return paths
 
 
-def _shard_fingerprint(path: Path) -> str | None:
+def digest(obj) -> str:
+    """A short stable hash of a JSON-able description (cache fingerprints)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cache_metadata(path: str | os.PathLike) -> dict:
+    """A cache file's safetensors metadata; ``{}`` for a truncated or foreign file (which is rebuilt)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("unit")
-    except Exception:  # truncated or foreign: rebuilt
-        return None
+            return dict(f.metadata() or {})
+    except Exception:
+        return {}
 
 
 def load_cache(cache_dir: str | os.PathLike, paths: list[Path] | None = None) -> dict[str, torch.Tensor]:
