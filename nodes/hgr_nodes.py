@@ -118,7 +118,7 @@ class HGRConceptRedirector(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, concepts, threshold, push, mode, push_threshold=None, push_memory=0.0) -> io.NodeOutput:
+    def execute(cls, clip, concepts, threshold, push, mode, push_threshold=0.5, push_memory=0.0) -> io.NodeOutput:
         if clip is None:
             raise ValueError("HGRConceptRedirector: no CLIP connected. Connect the checkpoint's CLIP output; "
                              "a checkpoint without a text encoder cannot give concept directions.")

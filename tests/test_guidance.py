@@ -407,3 +407,12 @@ def test_concept_node_schema_lists_every_setting():
     ids = {i.id for i in cls.GET_SCHEMA().inputs}
     params = set(inspect.signature(cls.execute).parameters) - {"cls"}
     assert params == ids, (params, ids)
+
+
+def test_concept_node_defaults_match_the_front_end(sd15):
+    """A graph that leaves out the optional inputs gets what the front end shows as their defaults."""
+    cls = runtime.get_node("HGRConceptRedirector")
+    defaults = {i.id: i.default for i in cls.GET_SCHEMA().inputs if getattr(i, "optional", False)}
+    (h,) = node_out("HGRConceptRedirector", clip=sd15.clip, concepts="a knife", threshold=0.2, push=1.0,
+                    mode="global")
+    assert h.redirector.push_tau == defaults["push_threshold"] and h.redirector.memory == defaults["push_memory"]
