@@ -143,17 +143,17 @@ def test_demo_and_benchmark_use_the_calibrated_concept_setting():
     import json
     from pathlib import Path
 
-    from toyworld.eval import CONCEPT_DEFAULT, CONCEPTS
+    from toyworld.eval import CONCEPT_DEFAULT, CONCEPTS, parse_concept_setting
 
     repo = Path(__file__).resolve().parents[1]
     calib = json.loads((repo / "results" / "calibration.json").read_text())
     assert CONCEPT_DEFAULT == calib["concept_setting"] and calib["held_out_names_used"] is False
-    tau, push, mode, *extra = CONCEPT_DEFAULT.split(",")
+    want, start = parse_concept_setting(CONCEPT_DEFAULT)
     graph = json.loads((repo / "workflows" / "toy_demo.api.json").read_text())
     node = next(n["inputs"] for n in graph.values() if n["class_type"] == "HGRConceptRedirector")
-    assert (node["threshold"], node["push"], node["mode"]) == (float(tau), float(push), mode)
-    assert node.get("push_threshold", float(tau)) == (float(extra[1]) if len(extra) > 1 else float(tau))
-    assert node.get("push_memory", 0.0) == (float(extra[2]) if len(extra) > 2 else 0.0)
+    assert (node["threshold"], node["push"], node["mode"]) == (want["threshold"], want["push"], want["mode"])
+    assert node.get("push_threshold", want["threshold"]) == want["push_threshold"]
+    assert node.get("push_memory", 0.0) == want["push_memory"]
     assert node["concepts"] == CONCEPTS
     assert not (set(CONCEPTS.replace(",", " ").replace(":", " ").split()) & set(world.HELD_OUT_NAMES.values()))
 

@@ -35,6 +35,16 @@ def calibrated_concept_setting(path: Path = REPO / "results" / "calibration.json
 
 
 CONCEPT_DEFAULT = calibrated_concept_setting()
+
+
+def parse_concept_setting(setting: str) -> tuple[dict, float]:
+    """``threshold,push,mode[,start_percent[,push_threshold[,push_memory]]]`` -> the concept node's
+    inputs and the SafeCFG start percent. Without a push threshold the push uses ``threshold``."""
+    tau, push, mode, *extra = setting.split(",")
+    inputs = {"threshold": float(tau), "push": float(push), "mode": mode,
+              "push_threshold": float(extra[1]) if len(extra) > 1 else float(tau),
+              "push_memory": float(extra[2]) if len(extra) > 2 else 0.0}
+    return inputs, float(extra[0]) if extra else 0.0
 # LoRAs in weights/loras/ (python -m safecfg.finetune --toy ...): unsupervised (HED-scored) and the
 # supervised ESD-style baseline that uses the true labels
 LORAS = {"finetuned_lora": "toyworld_safe_lora.safetensors", "supervised_lora": "toyworld_supervised_lora.safetensors"}
@@ -209,13 +219,10 @@ def main(argv=None) -> int:
     settings = [c.strip() for c in args.concept.split(";") if c.strip()]
     concept_start = {}
     for setting in settings:
-        tau, push, mode, *extra = setting.split(",")
+        inputs, start = parse_concept_setting(setting)
         name = "concept" if len(settings) == 1 else f"concept[{setting}]"
-        concept_handles[name] = hgr_nodes.HGRConceptRedirector.execute(
-            clip=clip, concepts=CONCEPTS, threshold=float(tau), push=float(push), mode=mode,
-            push_threshold=float(extra[1]) if len(extra) > 1 else None,
-            push_memory=float(extra[2]) if len(extra) > 2 else 0.0).result[0]
-        concept_start[name] = float(extra[0]) if extra else 0.0
+        concept_handles[name] = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts=CONCEPTS, **inputs).result[0]
+        concept_start[name] = start
     hgr_handle = None
     hgr_file = Path(args.hgr)
     if hgr_file.is_file():
