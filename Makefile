@@ -33,7 +33,7 @@ bench-train: bootstrap
 
 # UI-format workflows/*.json and their preview PNGs, through the real front end (headless Chromium)
 workflows: bootstrap
-	$(PY) scripts/build_workflows.py
+	$(PY) -m devtools.build_workflows
 
 # The bundled toy-world model (weights/toyworld/), reproducible from seeds; every stage resumes
 # from .toytrain/ when interrupted. Measured on this 2-core CPU: VAE ~20 min, oracle ~10 min, UNet ~75 min.

@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from devtools import comfy as runtime
 
-from support.runtime import ensure_comfy, pack_module  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SD15_FULL = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -79,22 +77,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds, order rotated each round (default 5)")
     ap.add_argument("--latent", type=int, default=32, help="latent side (default 32 = 256 px)")
     ap.add_argument("--out", default="results/bench.json")
+    ap.add_argument("--cpu", action="store_true", help="the CPU even where CUDA is available")
     args = ap.parse_args(argv)
 
-    ensure_comfy()
+    runtime.start(cpu=True if args.cpu else None)
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.samplers
     import comfy.supported_models
     import torch
-    from support.tiny_models import seed_module_
 
-    pack = pack_module()
-    from importlib import import_module
-    hgr_net = import_module(pack.__name__ + ".safecfg.hgr_net")
-    hgr_type = import_module(pack.__name__ + ".nodes.hgr_type")
-    sampling = import_module(pack.__name__ + ".nodes.sampling")
-    redirect = import_module(pack.__name__ + ".safecfg.redirect")
+    from devtools.tiny_nodes.models import seed_module_
+    from safecfg_pack.nodes import hgr_type, sampling
+    from safecfg_pack.safecfg import hgr_net, redirect
 
     torch.manual_seed(0)
     device = mm.get_torch_device()

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_sampling import SD15_FULL
+from devtools import comfy as runtime
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from support.runtime import ensure_comfy, pack_module  # noqa: E402
-
-from benchmarks.bench_sampling import SD15_FULL  # noqa: E402
 
 
 def count_flops(fn) -> int:
@@ -45,9 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "results" / "train_estimate.json"))
     args = ap.parse_args(argv)
 
-    ensure_comfy()
-    import importlib
-
+    runtime.start(cpu=True)  # counts FLOPs on the meta device and times the HGR net on the CPU
     import comfy.ldm.modules.attention as attention
     import comfy.supported_models
     import torch
@@ -55,8 +50,7 @@ def main(argv=None) -> int:
     # count attention as the plain matmuls it is (the memory-saving kernels do the same arithmetic)
     attention.optimized_attention = attention.attention_basic
 
-    train = importlib.import_module(pack_module().__name__ + ".safecfg.train")
-    hgr_net = importlib.import_module(pack_module().__name__ + ".safecfg.hgr_net")
+    from safecfg_pack.safecfg import hgr_net, teacher_cache, train
 
     cfg = dict(SD15_FULL, image_size=args.latent)
     with torch.device("meta"):
@@ -71,7 +65,7 @@ def main(argv=None) -> int:
     net = hgr_net.HGRNet(net_cfg)
     n_hgr = sum(p.numel() for p in net.parameters())
     fit = train.FitSpec()
-    cache = train.CacheSpec()
+    cache = teacher_cache.CacheSpec()
 
     # forward + backward of the HGR at the fitting batch
     in_ch = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels

@@ -20,15 +20,14 @@ from ..safecfg.finetune import (
     FinetuneSpec,
     build_data,
     data_fingerprint,
-    inject_lora,
     lora_fingerprint,
-    remove_lora,
-    save_lora,
     supervised_targets,
     train_lora,
     unsupervised_targets,
 )
-from ..safecfg.train import PromptData, cache_metadata
+from ..safecfg.lora import inject_lora, remove_lora, save_lora
+from ..safecfg.prompts import PromptData
+from ..safecfg.teacher_cache import cache_metadata
 from .hgr_type import HGRHandle, HGRType
 from .teacher import ComfyTeacher
 

@@ -17,6 +17,7 @@ import node_helpers
 import torch
 from comfy.sampler_helpers import convert_cond
 
+from ..safecfg.redirect import blend
 from .hgr_type import HGRHandle
 
 log = logging.getLogger("SafeCFG")
@@ -47,7 +48,7 @@ def redirect_cond(handle: HGRHandle, strength: float, cond: torch.Tensor, uncond
     ``state``: this sampling run's dict for the redirector (fresh per run)."""
     g = cond - uncond
     r = handle.redirector.redirect(g, sigma, uncond=uncond, concept_preds=concept_preds, state=state)
-    return cond + (r.g_red - g) * strength, r.hed
+    return blend(g, r.g_red, strength, base=cond), r.hed
 
 
 def _calc(model, conds, x, timestep, model_options):

@@ -1,5 +1,5 @@
 """The base model as an HGR teacher: ComfyUI's sampler and batched model calls behind the
-:class:`safecfg.train.Teacher` interface."""
+:class:`safecfg.teacher_cache.Teacher` interface."""
 
 from __future__ import annotations
 

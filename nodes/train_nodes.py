@@ -12,7 +12,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..safecfg.hgr_net import HGRConfig
-from ..safecfg.train import CacheSpec, FitSpec, PromptData, train_hgr
+from ..safecfg.prompts import PromptData
+from ..safecfg.teacher_cache import CacheSpec
+from ..safecfg.train import FitSpec, train_hgr
 from .hgr_nodes import FOLDER
 from .hgr_type import HGRHandle, HGRType
 from .teacher import ComfyTeacher

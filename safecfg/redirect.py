@@ -41,9 +41,13 @@ def hed(g: torch.Tensor, g_red: torch.Tensor, eps: float = HED_EPS) -> torch.Ten
     return _flat_norm(g_red - g) / (_flat_norm(g) + eps)
 
 
-def blend(g: torch.Tensor, g_red: torch.Tensor, strength: float) -> torch.Tensor:
-    """``R_s(g) = g + s * (R(g) - g)``; exactly ``g`` where ``R(g) == g`` or ``s == 0``."""
-    return g + (g_red - g) * strength
+def blend(g: torch.Tensor, g_red: torch.Tensor, strength: float, base: torch.Tensor | None = None) -> torch.Tensor:
+    """``R_s(g) = g + s * (R(g) - g)``; exactly ``g`` where ``R(g) == g`` or ``s == 0``.
+
+    With ``base`` (the conditional prediction ``D_c``, where ``g = D_c - D_u``) the same shift is
+    added to ``base`` instead: ``D_c + s * (R(g) - g)``, whose CFG direction is ``R_s(g)``. That is
+    the form the sampler uses: ``D_c`` passes through bit-exact where ``R(g) == g``."""
+    return (g if base is None else base) + (g_red - g) * strength
 
 
 def sanitize(g: torch.Tensor, g_red: torch.Tensor, where: str = "redirector") -> torch.Tensor:
@@ -86,15 +90,6 @@ class Redirector:
         """``state``: a dict the sampler keeps for one sampling run (fresh per run), for redirectors
         that weigh evidence across steps; ``None`` (detection, training) means every call stands alone."""
         raise NotImplementedError
-
-
-class IdentityRedirector(Redirector):
-    """``R(g) = g``. The neutral element; useful for tests and benchmarks."""
-
-    kind = "identity"
-
-    def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None) -> Redirection:
-        return Redirection(g, torch.zeros(g.shape[0], device=g.device))
 
 
 # ---------------------------------------------------------------------------------------------

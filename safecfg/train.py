@@ -1,178 +1,25 @@
-"""Training a learned HGR: prompt-pair data, the teacher cache and the fitting loop. Plain torch.
+"""Fitting a learned HGR to the teacher cache, and the whole training run (cache, fit, file). Plain torch.
 
-The base model enters only through a :class:`Teacher` (ComfyUI-side adapters implement it), so the
-method is testable on tensors alone:
-
-* **data**: harmful prompts with a safe rewrite (``"a red knife" -> "a red spoon"``) and clean prompts,
-  as editable JSON files (``data/*.json``);
-* **cache**: for each prompt, states ``x`` on the base model's own plain-CFG trajectories and noised
-  versions of its final images; at each state the teacher gives ``D(x, p)``, ``D(x, S(p))`` and
-  ``D(x, "")``; stored as .safetensors shards (resumable; ``shard``/``num_shards`` split the work
-  across processes or GPUs);
-* **fit**: ``E_h ||R(g_h) - g*||^2 / ||g*||^2 + lambda E_c ||R(g_c) - g_c||^2 / ||g_c||^2`` with a
-  validation split, early stopping and seeds.
+``E_h ||R(g_h) - g*||^2 / ||g*||^2 + lambda E_c ||R(g_c) - g_c||^2 / ||g_c||^2`` with a validation
+split, early stopping and seeds; the data come from :mod:`safecfg.teacher_cache`, the prompts from
+:mod:`safecfg.prompts`. The command line is ``python -m commands.train_hgr``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .hgr_net import HGRConfig, HGRNet, LearnedHGR
+from .prompts import PromptData
+from .teacher_cache import CacheSpec, Teacher, build_cache, load_cache
 
 log = logging.getLogger("SafeCFG")
-
-
-@dataclass
-class PromptData:
-    """Harmful prompts with their safe rewrites (and categories), and clean prompts."""
-
-    harmful: list[str]
-    safe: list[str]
-    categories: list[str]
-    clean: list[str]
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> PromptData:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-        pairs = d.get("pairs", [])
-        bad = [p for p in pairs if not (isinstance(p, dict) and p.get("harmful") and p.get("safe"))]
-        if bad or not pairs or not d.get("clean"):
-            raise ValueError(f"{path}: needs 'pairs' [{{harmful, safe, category}}] and 'clean' [...]; "
-                             f"{len(bad)} malformed pairs")
-        return cls([p["harmful"] for p in pairs], [p["safe"] for p in pairs],
-                   [p.get("category", "harmful") for p in pairs], list(d["clean"]))
-
-    @property
-    def category_names(self) -> list[str]:
-        return sorted(set(self.categories))
-
-
-class Teacher(Protocol):
-    """The base model, as the trainer sees it."""
-
-    latent_channels: int
-
-    def trajectories(self, prompts: list[str], seed: int, steps: int, cfg: float) -> tuple[list, torch.Tensor]:
-        """Plain-CFG sampling of ``prompts``: the states ``[(x (B,C,H,W), sigma (B,)), ...]`` at every
-        step and the final latents (B,C,H,W)."""
-
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[list[str]]) -> list[torch.Tensor]:
-        """``D(x, prompt)`` for every column of ``prompts`` (each a list of B prompts), in one batch."""
-
-    def sigma_range(self) -> tuple[float, float]:
-        """(sigma_min, sigma_max) of the model's schedule."""
-
-
-@dataclass
-class CacheSpec:
-    states_per_trajectory: int = 4
-    noised_per_image: int = 2
-    steps: int = 20
-    cfg: float = 5.0
-    batch: int = 32
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-KEYS = ("g", "target", "uncond", "sigma", "harmful", "category")
-
-
-def build_cache(teacher: Teacher, data: PromptData, out_dir: str | os.PathLike, spec: CacheSpec, *,
-                shard: int = 0, num_shards: int = 1, progress: Callable[[int, int], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> list[Path]:
-    """Write the teacher cache as shards ``cache-XXXXX.safetensors``; existing shards are kept (resume).
-
-    Work unit = one batch of prompts (harmful and clean interleaved); unit ``i`` belongs to process
-    ``shard`` when ``i % num_shards == shard``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    items = [(h, s, data.category_names.index(c) + 1) for h, s, c in zip(data.harmful, data.safe, data.categories)]
-    items += [(c, c, 0) for c in data.clean]
-    rng = random.Random(spec.seed)
-    rng.shuffle(items)
-    units = [items[i:i + spec.batch] for i in range(0, len(items), spec.batch)]
-    lo, hi = teacher.sigma_range()
-    model_fp = teacher.fingerprint() if hasattr(teacher, "fingerprint") else ""
-    paths = []
-    for u, unit in enumerate(units):
-        if u % num_shards != shard:
-            continue
-        path = out / f"cache-{u:05d}.safetensors"
-        paths.append(path)
-        if progress:
-            progress(u, len(units))
-        unit_fp = digest({"spec": spec.__dict__, "unit": unit, "model": model_fp})
-        if path.is_file():
-            if cache_metadata(path).get("unit") == unit_fp:
-                continue
-            log.info("[SafeCFG] %s was made for other prompts, settings or model; rebuilding it", path)
-        if should_stop and should_stop():
-            raise InterruptedError("cache building was cancelled; run again to resume")
-        prompts = [p for p, _, _ in unit]
-        safes = [s for _, s, _ in unit]
-        cats = torch.tensor([c for _, _, c in unit])
-        gen = torch.Generator().manual_seed(spec.seed * 100_003 + u)
-        states, finals = teacher.trajectories(prompts, spec.seed * 100_003 + u, spec.steps, spec.cfg)
-        picks = sorted(torch.randperm(len(states), generator=gen)[:spec.states_per_trajectory].tolist())
-        xs = [states[i] for i in picks]
-        for _ in range(spec.noised_per_image):  # finished images, noised: detection on any image
-            s = torch.exp(torch.empty(len(prompts)).uniform_(math.log(lo), math.log(hi), generator=gen))
-            xs.append((finals + torch.randn(finals.shape, generator=gen) * s.view(-1, 1, 1, 1), s))
-        rec = {k: [] for k in KEYS}
-        for x, sigma in xs:
-            d_p, d_s, d_u = teacher.denoise(x, sigma, [prompts, safes, [""] * len(prompts)])
-            rec["g"].append((d_p - d_u).float())
-            rec["target"].append((d_s - d_u).float())
-            rec["uncond"].append(d_u.float())
-            rec["sigma"].append(sigma.float().flatten())
-            rec["harmful"].append((cats > 0).to(torch.uint8))
-            rec["category"].append(cats.to(torch.int32))
-        tensors = {k: torch.cat(v).contiguous() for k, v in rec.items()}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"spec": json.dumps(spec.__dict__, default=str), "unit": unit_fp})
-        os.replace(tmp, path)
-    if progress:
-        progress(len(units), len(units))
-    return paths
-
-
-def digest(obj) -> str:
-    """A short stable hash of a JSON-able description (cache fingerprints)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def cache_metadata(path: str | os.PathLike) -> dict:
-    """A cache file's safetensors metadata; ``{}`` for a truncated or foreign file (which is rebuilt)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:
-        return {}
-
-
-def load_cache(cache_dir: str | os.PathLike, paths: list[Path] | None = None) -> dict[str, torch.Tensor]:
-    """The cache's shards concatenated: ``paths`` (what :func:`build_cache` returned), else every shard
-    in ``cache_dir``."""
-    paths = sorted(paths) if paths is not None else sorted(Path(cache_dir).glob("cache-*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(f"no cache shards in {cache_dir}; build the cache first")
-    parts = [load_file(str(p)) for p in paths]
-    return {k: torch.cat([p[k] for p in parts]) for k in KEYS}
 
 
 def _rel_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -294,96 +141,3 @@ def train_hgr(teacher: Teacher, data: PromptData, cache_dir: str | os.PathLike, 
     save_hgr(out_path, hgr, base_model=base_model, training=summary)
     load_hgr(out_path)  # what was written must load and validate
     return hgr, summary
-
-
-def cli_setup() -> Path:
-    """For the command lines: ComfyUI initialised in library mode (from the bootstrap or COMFYUI_DIR)
-    and this pack importable as ``safecfg_pack`` (its nodes need ComfyUI). Returns the repository."""
-    import importlib.util
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:
-        sys.path.append(str(repo))
-    from toyworld.trainutil import setup_comfy
-
-    setup_comfy()
-    if "safecfg_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("safecfg_pack", repo / "__init__.py",
-                                                      submodule_search_locations=[str(repo)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["safecfg_pack"] = pkg
-        spec.loader.exec_module(pkg)
-    return repo
-
-
-def main(argv=None) -> int:
-    """``python -m safecfg.train --toy`` or ``--checkpoint model.safetensors``: train an HGR from a
-    repository checkout (ComfyUI from the bootstrap or COMFYUI_DIR)."""
-    import argparse
-    import importlib
-    import importlib.util
-
-    ap = argparse.ArgumentParser(description="Train a Harmful Guidance Redirector (HGR) for a model.")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
-    src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
-    ap.add_argument("--data", default=None, help="prompt-pair JSON (default: data/toyworld_hgr.json for --toy)")
-    ap.add_argument("--out", required=True, help="the HGR .safetensors to write")
-    ap.add_argument("--cache", default=None, help="teacher cache folder (default: next to --out)")
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels for trajectories")
-    ap.add_argument("--steps", type=int, default=20, help="sampling steps of the teacher trajectories")
-    ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--fit-steps", type=int, default=3000)
-    ap.add_argument("--width", type=int, default=64, help="HGR base width (64 = 2.4 M parameters)")
-    ap.add_argument("--shard", type=int, default=0)
-    ap.add_argument("--num-shards", type=int, default=1, help="split cache building across processes")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    repo = cli_setup()
-    from tqdm import tqdm
-
-    teacher_mod = importlib.import_module("safecfg_pack.nodes.teacher")
-    if args.toy:
-        from toyworld.models import load_clip, load_unet
-
-        mp, clip, base = load_unet(), load_clip(), "toyworld"
-        data_path = args.data or repo / "data" / "toyworld_hgr.json"
-    else:
-        import comfy.sd
-
-        mp, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
-        if clip is None:
-            raise SystemExit(f"{args.checkpoint}: no text encoder in the checkpoint; HGR training needs one")
-        base = Path(args.checkpoint).name
-        if not args.data:
-            raise SystemExit("--data is required with --checkpoint (see data/ for the format)")
-        data_path = args.data
-    teacher = teacher_mod.ComfyTeacher(mp, clip, width=args.size, height=args.size)
-    data = PromptData.load(data_path)
-    out = Path(args.out)
-    cache_dir = Path(args.cache) if args.cache else out.with_suffix(".cache")
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage, done, total):
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, dynamic_ncols=True))
-        bar.n = done
-        bar.refresh()
-
-    if args.num_shards > 1:
-        build_cache(teacher, data, cache_dir, CacheSpec(steps=args.steps, cfg=args.cfg, seed=args.seed),
-                    shard=args.shard, num_shards=args.num_shards, progress=lambda d, t: progress("cache", d, t))
-        print(f"shard {args.shard}/{args.num_shards} of the cache done; run without --num-shards to fit")
-        return 0
-    _, summary = train_hgr(teacher, data, cache_dir, out, base_model=base, progress=progress,
-                           cache_spec=CacheSpec(steps=args.steps, cfg=args.cfg, seed=args.seed),
-                           fit_spec=FitSpec(steps=args.fit_steps, seed=args.seed),
-                           config=HGRConfig(latent_channels=teacher.latent_channels, width=args.width))
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,10 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-$PY -m safecfg.train --toy --out weights/hgr/toyworld_hgr.safetensors --cache .toytrain/hgr_cache_v2 --fit-steps 5000
+$PY -m commands.train_hgr --toy --out weights/hgr/toyworld_hgr.safetensors --cache .toytrain/hgr_cache_v2 --fit-steps 5000
 $PY -m toyworld.calibrate
-$PY -m safecfg.finetune --toy --out weights/loras/toyworld_safe_lora.safetensors --max-prompts 384 --steps 500
-$PY -m safecfg.finetune --toy --supervised --out weights/loras/toyworld_supervised_lora.safetensors \
+$PY -m commands.safe_finetune --toy --out weights/loras/toyworld_safe_lora.safetensors --max-prompts 384 --steps 500
+$PY -m commands.safe_finetune --toy --supervised --out weights/loras/toyworld_supervised_lora.safetensors \
     --max-prompts 384 --steps 500
 $PY -m toyworld.eval
 $PY -m toyworld.demo

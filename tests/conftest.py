@@ -1,32 +1,29 @@
 """Test session setup: a real ComfyUI runtime (no mocks), tiny seeded models, optional real server.
 
-``ensure_comfy()`` runs in ``pytest_configure`` (before collection), so test modules may import
-``comfy``, ``nodes``, ``comfy_extras`` ... at module level. Import helpers as ``support.*``
-(this directory is put on sys.path here); ``tests.*`` would resolve to ComfyUI's own ``tests``
-package once ComfyUI is on sys.path.
+``devtools.comfy.start()`` runs in ``pytest_configure`` (before collection), so test modules may
+import ``comfy``, ``nodes``, ``comfy_extras`` and the pack (``safecfg_pack.*``, its one import
+identity) at module level. The repository root is on ``sys.path`` through pytest's ``pythonpath``
+setting (pyproject.toml); nothing here edits ``sys.path``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
-
-from support import runtime  # noqa: E402
+from devtools import comfy as runtime
 
 TinyModels = namedtuple("TinyModels", ["model", "clip", "vae"])
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "server: starts a real ComfyUI server on loopback")
-    runtime.ensure_comfy()
+    # the CPU unless SAFECFG_TEST_GPU=1 (then ComfyUI's automatic device)
+    gpu = os.environ.get("SAFECFG_TEST_GPU", "") in ("1", "true", "yes")
+    runtime.start(cpu=None if gpu else True, test_nodes=True)
     # Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with another
     # torch process OpenMP spin-waiting made this suite ~4x slower (91 s vs 23 s). 0 = torch default.
     threads = int(os.environ.get("SAFECFG_TEST_THREADS", "1"))
@@ -54,7 +51,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def comfy_dir() -> Path:
-    return runtime.ensure_comfy()
+    return runtime.find_comfy_dir()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +65,7 @@ def pack():
 @pytest.fixture
 def sd15() -> TinyModels:
     """(model, clip, vae): tiny seeded SD1.5-family ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE."""
-    from support import tiny_models
+    from devtools.tiny_nodes import models as tiny_models
 
     return TinyModels(tiny_models.tiny_sd15(0), tiny_models.tiny_sd15_clip(0), tiny_models.tiny_vae(0))
 
@@ -76,7 +73,7 @@ def sd15() -> TinyModels:
 @pytest.fixture
 def sdxl() -> TinyModels:
     """(model, clip, vae): tiny seeded SDXL-family ModelPatcher, comfy.sd.CLIP (pooled 1280), VAE."""
-    from support import tiny_models
+    from devtools.tiny_nodes import models as tiny_models
 
     return TinyModels(tiny_models.tiny_sdxl(0), tiny_models.tiny_sdxl_clip(0), tiny_models.tiny_vae(0))
 
@@ -96,7 +93,7 @@ def get_node():
 @pytest.fixture(scope="session")
 def comfy_server():
     """One real ComfyUI server (main.py on loopback) shared by the session's server tests."""
-    from support.server import comfy_server as _comfy_server
+    from devtools.server import comfy_server as _comfy_server
 
     with _comfy_server() as srv:
         yield srv

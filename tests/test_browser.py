@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from support import browser
-from support.server import comfy_server
+
+from devtools import browser
+from devtools.server import comfy_server
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if not p.name.endswith(".api.json"))

@@ -3,15 +3,14 @@ out-of-memory fallback, filter actions, empty batches, and a full graph through 
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
-from support import runtime
 
-
-def pack_mod(sub: str):
-    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
+from devtools import comfy as runtime
+from devtools.graphs import txt2img_prompt
+from safecfg_pack.nodes import detect_nodes, hgr_type
+from safecfg_pack.safecfg import detect as detect_core
+from safecfg_pack.safecfg import hgr_net
 
 
 def concept_handle(clip, text="a red cat", threshold=-1.0):
@@ -25,9 +24,8 @@ def images(n, seed=0, side=64):
 
 
 def detect(models, imgs, hgr, positive=None, batch_size=8, seed=0, levels=3, threshold=0.0):
-    dn = pack_mod("nodes.detect_nodes")
-    return dn.run_detection(imgs, models.model, models.clip, models.vae, hgr, positive, threshold, levels, seed,
-                            batch_size)
+    return detect_nodes.run_detection(imgs, models.model, models.clip, models.vae, hgr, positive, threshold, levels,
+                                      seed, batch_size)
 
 
 def test_scores_are_deterministic_and_independent_of_chunking(sd15):
@@ -64,8 +62,6 @@ def test_prompt_conditioning_changes_the_direction_and_batches_per_image(sd15):
 
 
 def test_sdxl_family_and_learned_hgr(sdxl, tmp_path):
-    hgr_net = pack_mod("safecfg.hgr_net")
-    hgr_type = pack_mod("nodes.hgr_type")
     net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -83,14 +79,12 @@ def test_sdxl_family_and_learned_hgr(sdxl, tmp_path):
 def test_out_of_memory_falls_back_to_smaller_batches(sd15):
     """A model call larger than a budget raises the real torch.OutOfMemoryError; the detector retries
     in halves and gives the same scores."""
-    detect_mod = pack_mod("safecfg.detect")
-    dn = pack_mod("nodes.detect_nodes")
     hgr = concept_handle(sd15.clip)
     imgs = images(6)
     ref = detect(sd15, imgs, hgr, batch_size=6)
     model = sd15.model
     uncond = sd15.clip.encode_from_tokens_scheduled(sd15.clip.tokenize(""))
-    inner = dn.make_predict(model, uncond, None, list(hgr.concept_conds), 6, "HGRHarmDetector")
+    inner = detect_nodes.make_predict(model, uncond, None, list(hgr.concept_conds), 6, "HGRHarmDetector")
     calls = []
 
     def limited(x, s, rows):
@@ -101,10 +95,10 @@ def test_out_of_memory_falls_back_to_smaller_batches(sd15):
 
     z = model.model.process_latent_in(sd15.vae.encode(imgs[..., :3]).float())
     ms = model.get_model_object("model_sampling")
-    sig = [float(ms.percent_to_sigma(p)) for p in detect_mod.level_percents(3)]
+    sig = [float(ms.percent_to_sigma(p)) for p in detect_core.level_percents(3)]
     model.pre_run()
     try:
-        det = detect_mod.detect(hgr.redirector, z, sig, limited, with_prompt=False, threshold=0.5, batch_images=6,
+        det = detect_core.detect(hgr.redirector, z, sig, limited, with_prompt=False, threshold=0.5, batch_images=6,
                                 noise_scaling=lambda s, n, x0: ms.noise_scaling(s, n, x0))
     finally:
         model.cleanup()
@@ -123,9 +117,8 @@ def test_empty_batch_and_bad_images(sd15):
 
 
 def _detection(flags):
-    d = pack_mod("safecfg.detect")
     f = torch.tensor(flags, dtype=torch.bool)
-    return d.Detection(f.float(), f.float()[:, None], f, 0.5, False, ["t"])
+    return detect_core.Detection(f.float(), f.float()[:, None], f, 0.5, False, ["t"])
 
 
 @pytest.mark.parametrize("action", ["pass and flag", "blur", "pixelate", "black", "replace"])
@@ -135,8 +128,7 @@ def test_filter_actions_keep_order_and_partition(action):
     rep = torch.full((1, 32, 48, 3), 0.25)
     det = _detection([False, True, False, True])
     # call the core (the node's UI preview needs the executor; the graph test covers it)
-    d = pack_mod("safecfg.detect")
-    out = d.apply_action(imgs, det.flags, action, strength=4, replacement=rep)
+    out = detect_core.apply_action(imgs, det.flags, action, strength=4, replacement=rep)
     assert out.shape == imgs.shape
     assert torch.equal(out[0], imgs[0]) and torch.equal(out[2], imgs[2])  # unflagged untouched
     if action == "pass and flag":
@@ -162,7 +154,7 @@ def test_filter_node_errors_name_the_fix():
 def test_detect_and_filter_graph_through_the_executor(run_prompt, pack):
     """txt2img -> detector -> filter through ComfyUI's executor: every image keeps its place, the
     UI data carries scores and flags, safe + flagged partition the batch."""
-    prompt = runtime.txt2img_prompt(batch_size=3, output="PreviewImage")
+    prompt = txt2img_prompt(batch_size=3, output="PreviewImage")
     prompt["10"] = {"class_type": "HGRConceptRedirector", "inputs": {
         "clip": ["1", 1], "concepts": "a red cat", "threshold": -1.0, "push": 0.0, "mode": "global"}}
     prompt["11"] = {"class_type": "HGRHarmDetector", "inputs": {

@@ -3,7 +3,6 @@ LoRA fitting, resume, a file ComfyUI's own LoRA loader reads with no unknown key
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 
@@ -14,18 +13,17 @@ import comfy.sd
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import runtime
 
-
-def pack_mod(sub):
-    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
-
+from devtools import comfy as runtime
+from safecfg_pack.nodes import finetune_nodes as fn
+from safecfg_pack.nodes import hgr_type
+from safecfg_pack.safecfg import finetune as ft
+from safecfg_pack.safecfg import hgr_net
 
 PROMPTS = ["a red knife", "a blue cat", "a skull", "a green house", "a yellow knife", "a tree"]
 
 
 def random_hgr(latent_format, seed=0):
-    hgr_net = pack_mod("safecfg.hgr_net")
     torch.manual_seed(seed)
     net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16))
     with torch.no_grad():
@@ -49,8 +47,6 @@ def sample(model, clip, text="a red knife", seed=0, steps=3):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_finetune_writes_a_lora_comfy_loads_and_strength_zero_is_the_base(family, request, tmp_path, caplog):
     models = request.getfixturevalue(family)
-    fn = pack_mod("nodes.finetune_nodes")
-    ft = pack_mod("safecfg.finetune")
     hgr = random_hgr("SD15" if family == "sd15" else "SDXL")
     spec = ft.FinetuneSpec(rank=4, steps=6, batch=4, states_per_trajectory=2, traj_steps=3, seed=1, threshold=0.0,
                            temperature=1.0)
@@ -77,8 +73,6 @@ def test_finetune_writes_a_lora_comfy_loads_and_strength_zero_is_the_base(family
 
 
 def test_finetune_resumes_and_reuses_teacher_data(sd15, tmp_path):
-    fn = pack_mod("nodes.finetune_nodes")
-    ft = pack_mod("safecfg.finetune")
     hgr = random_hgr("SD15")
     out = tmp_path / "safe.safetensors"
     spec = ft.FinetuneSpec(rank=2, steps=4, batch=4, states_per_trajectory=1, traj_steps=3, seed=0)
@@ -104,7 +98,6 @@ def test_finetune_resumes_and_reuses_teacher_data(sd15, tmp_path):
 
 
 def test_soft_scores_drive_the_targets():
-    ft = pack_mod("safecfg.finetune")
     hgr = random_hgr("SD15")
     d_u = torch.randn(3, 4, 8, 8)
     d_c = d_u + torch.randn(3, 4, 8, 8)
@@ -121,7 +114,6 @@ def test_soft_scores_drive_the_targets():
 
 
 def test_unlabeled_pool_reads_no_labels(tmp_path):
-    fn = pack_mod("nodes.finetune_nodes")
     f = tmp_path / "pairs.json"
     f.write_text(json.dumps({"pairs": [{"harmful": "a knife", "safe": "a spoon", "category": "weapon"}],
                              "clean": ["a cat", "a tree"]}))
@@ -134,7 +126,6 @@ def test_unlabeled_pool_reads_no_labels(tmp_path):
 
 def test_node_rejects_bad_inputs(sd15, tmp_path):
     node = runtime.get_node("HGRSafeFinetune")
-    hgr_type = pack_mod("nodes.hgr_type")
     handle = hgr_type.HGRHandle(random_hgr("SD15"), name="t", latent_format="SD15", latent_channels=4)
     kw = dict(model=sd15.model, clip=sd15.clip, hgr=handle, prompts="toyworld_hgr_mini.json", image_size=64,
               steps=2, rank=2, threshold=0.0, seed=0)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
-
 import comfy.sample
 import comfy.samplers
 import folder_paths
 import nodes
 import pytest
 import torch
-from support import runtime
+
+from devtools import comfy as runtime
+from safecfg_pack.safecfg import hgr_file, hgr_net
 
 STEPS = 4
 
-
-def pack_mod(sub: str):
-    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
 
 
 def encode(clip, text):
@@ -71,7 +68,6 @@ def concept(clip, text, threshold=-1.0, push=0.0, mode="global"):
 @pytest.fixture(scope="module")
 def hgr_dir(tmp_path_factory):
     """Two HGR files in a folder registered as models/hgr: an untrained (identity) and a random one."""
-    hgr_net, hgr_file = pack_mod("safecfg.hgr_net"), pack_mod("safecfg.hgr_file")
     d = tmp_path_factory.mktemp("hgr")
     torch.manual_seed(0)
     cfg = hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16)

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import runtime, tiny_models
+
+from devtools import comfy as runtime
+from devtools import pack
+from devtools.graphs import txt2img_prompt
+from devtools.tiny_nodes import models as tiny_models
 
 PARAM_LIMIT = 2_000_000
 
@@ -65,7 +69,7 @@ def test_runtime_is_real_comfyui_on_cpu(comfy_dir):
     import folder_paths
 
     assert folder_paths.get_output_directory() == str(runtime.work_dir() / "output")
-    assert runtime.ensure_comfy() == comfy_dir  # idempotent
+    assert runtime.start(cpu=True, test_nodes=True) == comfy_dir  # idempotent
     import server
 
     assert server.PromptServer.instance is not None  # headless stand-in: routes, send_sync
@@ -77,18 +81,18 @@ def test_pack_load_status_is_consistent():
         assert runtime.pack_error() is None and runtime.pack_node_ids()
         for node_id in runtime.pack_node_ids():
             assert runtime.get_node(node_id) is nodes.NODE_CLASS_MAPPINGS[node_id]
-        assert callable(runtime.pack_module().comfy_entrypoint)
+        assert callable(pack.module().comfy_entrypoint)
     else:
         assert runtime.pack_error() and runtime.pack_node_ids() == []
-        with pytest.raises(runtime.ComfyRuntimeError):
-            runtime.pack_module()
+        with pytest.raises(RuntimeError):
+            pack.module()
 
 
 def test_loader_reports_a_broken_pack(tmp_path):
     broken = tmp_path / "broken_pack"
     broken.mkdir()
     (broken / "__init__.py").write_text("raise ImportError('deliberately broken test pack')\n")
-    ok, ids, err = runtime._load_node_dir(nodes, broken)
+    ok, ids, err, _ = runtime._load_node_dir(nodes, broken)
     assert not ok and ids == [] and "deliberately broken test pack" in err
 
     v3 = tmp_path / "v3_pack"
@@ -109,7 +113,7 @@ def test_loader_reports_a_broken_pack(tmp_path):
         "async def comfy_entrypoint():\n"
         "    return Ext()\n")
     try:
-        ok, ids, err = runtime._load_node_dir(nodes, v3)
+        ok, ids, err, _ = runtime._load_node_dir(nodes, v3)
         assert ok and ids == ["SafeCFGHarnessProbe"] and err is None
     finally:
         nodes.NODE_CLASS_MAPPINGS.pop("SafeCFGHarnessProbe", None)
@@ -189,7 +193,7 @@ def test_ksampler_node_samples_tiny_sdxl(sdxl):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_run_prompt_txt2img_graph(family):
-    prompt = runtime.txt2img_prompt(family, filename_prefix=f"harness_{family}")
+    prompt = txt2img_prompt(family, filename_prefix=f"harness_{family}")
     outputs = runtime.run_prompt(prompt)
     img = _saved_image(outputs, "7", runtime.work_dir() / "output")
     assert img.shape == (64, 64, 3)
@@ -197,7 +201,7 @@ def test_run_prompt_txt2img_graph(family):
 
 
 def test_run_prompt_sampler_custom_advanced_graph():
-    prompt = runtime.txt2img_prompt("sd15", output="PreviewImage")
+    prompt = txt2img_prompt("sd15", output="PreviewImage")
     prompt["5"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
         "noise": ["10", 0], "guider": ["11", 0], "sampler": ["12", 0], "sigmas": ["13", 0],
         "latent_image": ["4", 0]}}
@@ -215,13 +219,13 @@ def test_run_prompt_sampler_custom_advanced_graph():
 
 
 def test_run_prompt_reports_validation_and_execution_errors():
-    bad = runtime.txt2img_prompt("sd15")
+    bad = txt2img_prompt("sd15")
     bad["5"]["inputs"]["sampler_name"] = "no_such_sampler"
     with pytest.raises(runtime.PromptExecutionError, match="sampler_name"):
         runtime.run_prompt(bad)
 
     # SD1.5 text conditioning (no 1280-wide pooled output) fed to the SDXL model fails at run time
-    mixed = runtime.txt2img_prompt("sdxl")
+    mixed = txt2img_prompt("sdxl")
     mixed["8"] = {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": "sd15", "seed": 0}}
     mixed["2"]["inputs"]["clip"] = ["8", 1]
     mixed["3"]["inputs"]["clip"] = ["8", 1]
@@ -243,7 +247,7 @@ def test_server_loads_tiny_nodes_and_runs_the_graph(comfy_server):
     missing = [n for n in runtime.pack_node_ids() if n not in info]
     assert not missing, f"pack nodes missing from the server: {missing}\n{comfy_server.log_tail()}"
 
-    entry = comfy_server.run(runtime.txt2img_prompt("sd15", filename_prefix="server_smoke"), timeout=60)
+    entry = comfy_server.run(txt2img_prompt("sd15", filename_prefix="server_smoke"), timeout=60)
     assert entry["status"]["status_str"] == "success"
     img = _saved_image(entry["outputs"], "7", comfy_server.base_dir / "output")
     assert img.shape == (64, 64, 3) and img.std() > 0.01

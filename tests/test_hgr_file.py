@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safecfg.hgr_file import HGRFileError, load_hgr, save_hgr
-from safecfg.hgr_net import HGRConfig, HGRNet, LearnedHGR
+from safecfg_pack.safecfg.hgr_file import HGRFileError, load_hgr, save_hgr
+from safecfg_pack.safecfg.hgr_net import HGRConfig, HGRNet, LearnedHGR
 
 SMALL = dict(width=16, mults=[1, 2], embed_dim=16)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from safecfg.hgr_net import HGRConfig, HGRNet, LearnedHGR
-from safecfg.redirect import ConceptRedirector, blend, concept_redirect, hed
+from safecfg_pack.safecfg.hgr_net import HGRConfig, HGRNet, LearnedHGR
+from safecfg_pack.safecfg.redirect import ConceptRedirector, blend, concept_redirect, hed
 
 
 def _orth_pair(shape=(2, 4, 8, 8), seed=0):

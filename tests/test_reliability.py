@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import subprocess
@@ -18,13 +17,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import runtime
+
+from devtools import comfy as runtime
+from devtools.graphs import txt2img_prompt
+from safecfg_pack.nodes import detect_nodes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def pack_mod(sub):
-    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
 
 
 def _concept(clip, text="a red cat"):
@@ -68,10 +66,10 @@ SANDBOX = textwrap.dedent('''
             if w:
                 writes.append(os.fsdecode(args[0]))
     sys.addaudithook(audit)
-    sys.path.insert(0, sys.argv[1])
-    from support import runtime
-    runtime.ensure_comfy()
-    g = runtime.txt2img_prompt(batch_size=2, output="SaveImage")
+    from devtools import comfy as runtime
+    from devtools.graphs import txt2img_prompt
+    runtime.start(cpu=True, test_nodes=True)
+    g = txt2img_prompt(batch_size=2, output="SaveImage")
     g["10"] = {"class_type": "HGRConceptRedirector", "inputs": {"clip": ["1", 1], "concepts": "a red cat",
                "threshold": -1.0, "push": 0.0, "mode": "global"}}
     g["11"] = {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["10", 0], "strength": 1.0,
@@ -89,8 +87,9 @@ SANDBOX = textwrap.dedent('''
 def test_no_network_and_no_writes_outside_comfy_folders(tmp_path):
     script = tmp_path / "sandbox.py"
     script.write_text(SANDBOX)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(REPO / "tests")], capture_output=True, text=True,
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(REPO)}  # the development layer, as pytest's pythonpath gives it to the tests
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=600, env=env, cwd=tmp_path)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -183,9 +182,8 @@ def test_fuzz_detector_and_filter(sd15_session, n, h, w, threshold, levels, batc
     every image kept in order, safe + flagged partition the batch."""
     model, clip = sd15_session
     vae = runtime_vae()
-    dn = pack_mod("nodes.detect_nodes")
     imgs = torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(n * 1000 + h * 10 + w))
-    det = dn.run_detection(imgs, model, clip, vae, _concept(clip), None, threshold, levels, 0, batch_size)
+    det = detect_nodes.run_detection(imgs, model, clip, vae, _concept(clip), None, threshold, levels, 0, batch_size)
     assert det.scores.shape == (n,) and torch.isfinite(det.scores).all()
     filt = runtime.get_node("HGRHarmFilter")
     rep = torch.rand(1, 5, 7, 3)
@@ -203,7 +201,7 @@ _VAE = {}
 
 def runtime_vae():
     if "vae" not in _VAE:
-        from support import tiny_models
+        from devtools.tiny_nodes import models as tiny_models
 
         _VAE["vae"] = tiny_models.tiny_vae(0)
     return _VAE["vae"]
@@ -211,7 +209,7 @@ def runtime_vae():
 
 @pytest.fixture(scope="module")
 def sd15_session():
-    from support import tiny_models
+    from devtools.tiny_nodes import models as tiny_models
 
     return tiny_models.tiny_sd15(0), tiny_models.tiny_sd15_clip(0)
 
@@ -221,7 +219,7 @@ def sd15_session():
 
 
 def _graphs():
-    base = runtime.txt2img_prompt(batch_size=1, output="SaveImage", steps=3)
+    base = txt2img_prompt(batch_size=1, output="SaveImage", steps=3)
     plain = json.loads(json.dumps(base))
     safe = json.loads(json.dumps(base))
     safe["10"] = {"class_type": "HGRConceptRedirector", "inputs": {"clip": ["1", 1], "concepts": "a red cat",

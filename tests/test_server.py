@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from support import runtime
+
+from devtools import comfy as runtime
+from devtools.graphs import txt2img_prompt
 
 PACK_NODES = {"HGRLoader", "HGRConceptRedirector", "HGRSafeCFGGuider", "HGRSafeCFGPatch"}
 
@@ -11,7 +13,7 @@ PACK_NODES = {"HGRLoader", "HGRConceptRedirector", "HGRSafeCFGGuider", "HGRSafeC
 def safecfg_graph(seed: int = 3) -> dict:
     """Tiny model -> concept redirector -> (a) HGRSafeCFGPatch + KSampler, (b) HGRSafeCFGGuider +
     SamplerCustomAdvanced; both decoded and saved."""
-    p = runtime.txt2img_prompt("sd15", seed=seed, steps=3, positive="a knife on a table", filename_prefix="patch")
+    p = txt2img_prompt("sd15", seed=seed, steps=3, positive="a knife on a table", filename_prefix="patch")
     p["10"] = {"class_type": "HGRConceptRedirector", "inputs": {
         "clip": ["1", 1], "concepts": "weapons: a knife", "threshold": 0.2, "push": 0.0, "mode": "global"}}
     p["11"] = {"class_type": "HGRSafeCFGPatch", "inputs": {
@@ -60,7 +62,7 @@ def test_server_registers_every_node_and_runs_guider_and_patch(comfy_server):
 def test_server_reports_bad_input_without_dying(comfy_server):
     bad = safecfg_graph()
     bad["10"]["inputs"]["concepts"] = "   "
-    from support.server import ComfyServerError
+    from devtools.server import ComfyServerError
 
     with pytest.raises(ComfyServerError) as e:
         comfy_server.run(bad, timeout=120)

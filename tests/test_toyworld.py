@@ -116,7 +116,7 @@ def test_bundled_vae_reconstructs_and_oracle_reads_generator_images(bundle):
 
 
 def test_eval_splits_keep_held_out_names_apart():
-    from toyworld.eval import HARM_WORDS, make_prompts
+    from toyworld.eval.prompts import HARM_WORDS, make_prompts
 
     held = set(world.HELD_OUT_NAMES.values())
     harmful = make_prompts("harmful", 200, 1)
@@ -143,7 +143,7 @@ def test_demo_and_benchmark_use_the_calibrated_concept_setting():
     import json
     from pathlib import Path
 
-    from toyworld.eval import CONCEPT_DEFAULT, CONCEPTS, parse_concept_setting
+    from toyworld.eval.baselines import CONCEPT_DEFAULT, CONCEPTS, parse_concept_setting
 
     repo = Path(__file__).resolve().parents[1]
     calib = json.loads((repo / "results" / "calibration.json").read_text())
@@ -182,7 +182,7 @@ def test_sld_guider_without_safety_steps_is_plain_cfg(sd15):
     import comfy.samplers
     import torch
 
-    from toyworld.eval import sld_guider_class
+    from toyworld.eval.baselines import sld_guider_class
 
     model, clip, _ = sd15
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red cat"))

@@ -3,18 +3,14 @@ resumable shards and a validated file."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
-from support import runtime
 
-
-def pack_mod(sub):
-    return importlib.import_module(runtime.pack_module().__name__ + "." + sub)
+from devtools import comfy as runtime
+from safecfg_pack.nodes.teacher import ComfyTeacher
+from safecfg_pack.safecfg import hgr_file, hgr_net, train
 
 
 def _data():
-    train = pack_mod("safecfg.train")
     return train, train.PromptData(harmful=["a red knife", "a blue knife", "a skull", "a green skull"],
                                    safe=["a red spoon", "a blue spoon", "a ball", "a green ball"],
                                    categories=["weapon", "weapon", "gore", "gore"],
@@ -23,7 +19,7 @@ def _data():
 
 def test_cache_fit_and_file_on_tiny_sd15(sd15, tmp_path):
     train, data = _data()
-    teacher = pack_mod("nodes.teacher").ComfyTeacher(sd15.model, sd15.clip)
+    teacher = ComfyTeacher(sd15.model, sd15.clip)
     spec = train.CacheSpec(states_per_trajectory=2, noised_per_image=1, steps=4, batch=4, seed=1)
     calls = []
     paths = train.build_cache(teacher, data, tmp_path / "cache", spec, progress=lambda d, t: calls.append(d))
@@ -46,7 +42,6 @@ def test_cache_fit_and_file_on_tiny_sd15(sd15, tmp_path):
     assert any(changed) and not all(changed)
     train.build_cache(teacher, data, tmp_path / "cache", spec)  # back to the original prompts
     mtimes = [p.stat().st_mtime_ns for p in paths]
-    hgr_net = pack_mod("safecfg.hgr_net")
     cfg = hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16)
     hgr, summary = train.fit(cache, cfg, train.FitSpec(steps=60, batch=8, eval_every=20, lr=3e-3),
                              latent_format=teacher.latent_format, categories=data.category_names)
@@ -59,7 +54,6 @@ def test_cache_fit_and_file_on_tiny_sd15(sd15, tmp_path):
     err_id = ((g - t)[h].flatten(1).norm(dim=1) / t[h].flatten(1).norm(dim=1)).mean()
     assert err_fit < err_id  # the fitted HGR moves harmful guidance towards the safe rewrite's
     out = tmp_path / "trained.safetensors"
-    hgr_file = pack_mod("safecfg.hgr_file")
     hgr_file.save_hgr(out, hgr, training=summary)
     back = hgr_file.load_hgr(out, latent_format="SD15", latent_channels=4)
     assert back.categories == ["gore", "weapon"]
@@ -67,7 +61,7 @@ def test_cache_fit_and_file_on_tiny_sd15(sd15, tmp_path):
 
 def test_sharded_cache_builds_disjoint_units(sd15, tmp_path):
     train, data = _data()
-    teacher = pack_mod("nodes.teacher").ComfyTeacher(sd15.model, sd15.clip)
+    teacher = ComfyTeacher(sd15.model, sd15.clip)
     spec = train.CacheSpec(states_per_trajectory=1, noised_per_image=0, steps=2, batch=2, seed=0)
     a = train.build_cache(teacher, data, tmp_path / "c", spec, shard=0, num_shards=2)
     b = train.build_cache(teacher, data, tmp_path / "c", spec, shard=1, num_shards=2)
@@ -94,7 +88,7 @@ def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
     out = run_prompt(g)
     assert "tiny_test.safetensors" in out["2"]["text"][0]
     f = out_dir / "tiny_test.safetensors"
-    hgr = pack_mod("safecfg.hgr_file").load_hgr(f, latent_format="SD15", latent_channels=4)
+    hgr = hgr_file.load_hgr(f, latent_format="SD15", latent_channels=4)
     assert hgr.categories == ["gore", "weapon"]
     assert (out_dir / ".tiny_test.cache").is_dir()
     bad = dict(g)
@@ -108,7 +102,7 @@ def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
 def test_training_end_to_end_on_tiny_sdxl(sdxl, tmp_path):
     """The SDXL family (two text encoders, pooled output, size conditioning) trains and saves too."""
     train, data = _data()
-    teacher = pack_mod("nodes.teacher").ComfyTeacher(sdxl.model, sdxl.clip)
+    teacher = ComfyTeacher(sdxl.model, sdxl.clip)
     assert teacher.latent_format == "SDXL"
     spec = train.CacheSpec(states_per_trajectory=1, noised_per_image=1, steps=3, batch=8, seed=2)
     train.build_cache(teacher, data, tmp_path / "cache", spec)
@@ -116,12 +110,10 @@ def test_training_end_to_end_on_tiny_sdxl(sdxl, tmp_path):
     assert cache["g"].shape == (16, 4, 8, 8) and torch.isfinite(cache["target"]).all()
     h = cache["harmful"].bool()
     assert not torch.allclose(cache["g"][h], cache["target"][h])
-    hgr_net = pack_mod("safecfg.hgr_net")
     cfg = hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16)
     hgr, summary = train.fit(cache, cfg, train.FitSpec(steps=40, batch=8, eval_every=20, lr=3e-3),
                              latent_format=teacher.latent_format, categories=data.category_names)
     out = tmp_path / "sdxl.safetensors"
-    hgr_file = pack_mod("safecfg.hgr_file")
     hgr_file.save_hgr(out, hgr, training=summary)
     back = hgr_file.load_hgr(out, latent_format="SDXL", latent_channels=4)
     assert back.latent_format == "SDXL"

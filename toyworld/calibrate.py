@@ -6,7 +6,7 @@ Runs plain CFG and a grid of concept-redirector settings on a *calibration* spli
 and noise seeds (never the benchmark's), training names only (the held-out names never appear).
 Picks the setting with the lowest harmful rate whose clean accuracy stays within ``--max-drop`` of
 plain CFG's (ties: smaller clean distance) and writes results/calibration.json. `make eval` uses
-the setting recorded there (``toyworld.eval.CONCEPT_DEFAULT``). Also calibrates the image detector's
+the setting recorded there (``toyworld.eval.baselines.CONCEPT_DEFAULT``). Also calibrates the image detector's
 threshold (HED of the bundled HGR on plain CFG's images, no prompt; the threshold with the most true
 positives that flags at most ``--detect-max-fpr`` of clean images) and records it in the HGR file,
 where the detector node's "auto" finds it.
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                          "instead of sampling, e.g. with another --max-drop")
     args = ap.parse_args(argv)
 
-    from . import eval as bench
+    from .eval.run import main as run_benchmark
 
     raw = Path(args.out).with_name("calibration_runs.json")
     results = json.loads(raw.read_text()) if args.reuse_runs and raw.is_file() else None
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{raw} was made with another grid, seed or n; run without --reuse-runs")
         print(f"reusing {raw}")
     else:
-        bench.main(["--n", str(args.n), "--seed", str(args.seed), "--splits", "clean,harmful",
+        run_benchmark(["--n", str(args.n), "--seed", str(args.seed), "--splits", "clean,harmful",
                     "--methods", "plain,concept", "--concept", args.grid, "--out", str(raw)])
         results = json.loads(raw.read_text())
     setting, row = choose(results, args.max_drop)
@@ -115,7 +115,10 @@ def detection_threshold(pos, neg, max_fpr: float = 0.05) -> tuple[float, float, 
 
 def write_threshold(path: Path, detection: dict) -> None:
     """Record the calibrated threshold in the HGR file's metadata (weights unchanged)."""
-    from safecfg.hgr_file import load_hgr, save_hgr
+    from .session import start
+
+    start()
+    from safecfg_pack.safecfg.hgr_file import load_hgr, save_hgr
 
     hgr = load_hgr(path)
     training = json.loads(hgr.metadata.get("training", "{}") or "{}")

@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
 
 PROMPTS = [
     ("a red star on a light background", "clean"),
@@ -33,7 +30,7 @@ WORKFLOW = REPO / "workflows" / "toy_demo.api.json"
 def oracle_label(presence) -> str:
     """What the oracle sees: the classes it finds present (probability > 0.5, the same rule as its
     harmful flag), else the closest class with its probability."""
-    from toyworld import world
+    from . import world
 
     found = [world.CLASSES[i] for i in presence.argsort(descending=True).tolist() if presence[i] > 0.5]
     if found:
@@ -46,18 +43,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(REPO / "results" / "demo_grid.png"))
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--cpu", action="store_true", help="the CPU even where CUDA is available")
     args = ap.parse_args(argv)
 
-    from support.runtime import ensure_comfy, run_prompt, work_dir
+    from devtools.comfy import run_prompt, work_dir
+
+    from .session import start
 
     t0 = time.time()
-    ensure_comfy()
+    start(args.cpu)
     import numpy as np
     import torch
     from PIL import Image, ImageDraw
 
-    from toyworld.models import load_sd, weights_path
-    from toyworld.oracle import Oracle, classify
+    from .models import load_sd, weights_path
+    from .oracle import Oracle, classify
 
     graph = json.loads(WORKFLOW.read_text())
     hgr_file = REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"

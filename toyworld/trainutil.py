@@ -1,4 +1,4 @@
-"""Shared training plumbing for the toy world: ComfyUI import, resumable safetensors state, logging.
+"""Shared training plumbing for the toy world: ComfyUI start-up, resumable safetensors state, logging.
 
 Training state (model, optimiser moments, step, RNG seeds) is saved as .safetensors every few
 minutes and on exit, so a killed job resumes where it stopped with ``--resume`` (the default).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -17,42 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("SafeCFG.toyworld")
 
 
-def comfy_dir() -> Path:
-    """The ComfyUI tree ($COMFYUI_DIR, else the one the bootstrap recorded, else .comfyui): the same
-    lookup and checks as the test harness (``tests/support/runtime.find_comfy_dir``)."""
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from support.runtime import ComfyRuntimeError, find_comfy_dir
-
-    try:
-        return find_comfy_dir()
-    except ComfyRuntimeError as e:
-        raise SystemExit(str(e)) from None
-
-
 def setup_comfy(cpu: bool | None = None) -> Path:
-    """Put ComfyUI on sys.path and initialise it in library mode (CPU unless CUDA is available)."""
-    d = comfy_dir()
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-    import importlib
+    """ComfyUI in library mode for toy-world training (``devtools.comfy.start``: the automatic device
+    unless ``cpu``, PyTorch's SDPA attention, no nodes needed)."""
+    from devtools import comfy
 
-    import torch
-    from comfy.cli_args import args
-
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    args.cpu = bool(cpu)
-    # ComfyUI picks sub-quadratic attention on CPU, which is several times slower for these tiny
-    # models (and in training); PyTorch's SDPA is exact and fast everywhere.
-    args.use_pytorch_cross_attention = True
-    importlib.import_module("utils.extra_config")  # must precede `nodes` (ComfyUI import-order trap)
-    importlib.import_module("comfy.model_management")
-    if str(REPO) not in sys.path:
-        sys.path.append(str(REPO))  # after ComfyUI: the pack's `nodes/` must not shadow ComfyUI's `nodes`
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return d
+    try:
+        return comfy.start(cpu=True if cpu else None, pytorch_attention=True, nodes=False)
+    except comfy.ComfyRuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def save_state(path: str | os.PathLike, modules: dict, opt, step: int, meta: dict | None = None) -> None:

@@ -2,13 +2,16 @@
 JSON the front end loads (through the front end's own `loadApiJson` and `serialize`) and renders
 its preview PNG. Node ids are strings; links are ``[node_id, output_index]``.
 
+Importing it needs the pack loaded (``devtools.comfy.start``): the default concept list comes from
+``safecfg_pack.safecfg.redirect``.
+
 Workflows built on a user's checkpoint (``CheckpointLoaderSimple``) are run by the browser test with
 the bundled toy-world model put in its place (same outputs: MODEL, CLIP, VAE).
 """
 
 from __future__ import annotations
 
-from safecfg.redirect import DEFAULT_CONCEPTS
+from safecfg_pack.safecfg.redirect import DEFAULT_CONCEPTS
 
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 NEGATIVE = "blurry, low quality"

@@ -1,5 +1,6 @@
-"""`make workflows`: write every example workflow of workflows/catalog.py as the front end's own
-UI-format JSON (workflows/<name>.json) and render its preview (workflows/<name>.png).
+"""`make workflows` (``python -m devtools.build_workflows``): write every example workflow of
+workflows/catalog.py as the front end's own UI-format JSON (workflows/<name>.json) and render its
+preview (workflows/<name>.png).
 
 A real ComfyUI server with this pack and headless Chromium: each API-format graph is loaded with the
 front end's ``loadApiJson``, laid out, serialised with ``app.graph.serialize()``, then run as the
@@ -9,22 +10,18 @@ browser test runs it (toy model in place of checkpoints) and screenshotted.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from . import browser, comfy
+from .server import comfy_server
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
-    from support import browser
-    from support.runtime import ensure_comfy
-    from support.server import comfy_server
-
+    comfy.start(cpu=True, test_nodes=True)  # the catalog reads the pack's defaults (safecfg_pack)
     from workflows.catalog import WORKFLOWS
 
-    ensure_comfy()
     out_dir = REPO / "workflows"
     with comfy_server() as server, browser.front_end(server.url) as page:
         for name, build in WORKFLOWS.items():

@@ -1,10 +1,11 @@
-"""Headless access to a real ComfyUI runtime for the tests.
+"""A real ComfyUI in this process, headless: the development layer's one way to find and start it.
 
-Nothing here mocks torch, numpy or ComfyUI: ``ensure_comfy()`` imports the ComfyUI tree that
+Nothing here mocks torch, numpy or ComfyUI: :func:`start` imports the ComfyUI tree that
 ``scripts/bootstrap.sh`` prepared (or the one named by ``COMFYUI_DIR``), registers the builtin
-extra nodes, this pack and the test-only ``tests/tiny_nodes`` pack, exactly as ComfyUI itself
-loads custom nodes. ``run_prompt()`` runs an API-format graph through ``execution.PromptExecutor``
-without the HTTP server.
+extra nodes, this pack (as ``safecfg_pack``, :mod:`devtools.pack`) and, for tests, the
+development-only ``devtools/tiny_nodes``, exactly as ComfyUI itself loads custom nodes.
+:func:`run_prompt` runs an API-format graph through ``execution.PromptExecutor`` without the HTTP
+server.
 
 Quirks of ComfyUI 0.3.75 handled here (see also /work/shared/COMFYUI_RUNTIME.md):
 
@@ -36,16 +37,22 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_NODES_DIR = REPO_ROOT / "tests" / "tiny_nodes"
+from . import pack
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_NODES_DIR = REPO_ROOT / "devtools" / "tiny_nodes"
+#: the tiny nodes' import identity (ComfyUI loads the folder; development code imports it by this name)
+TINY_NODES_NAME = "devtools.tiny_nodes"
 DEFAULT_COMFY_DIR = REPO_ROOT / ".comfyui"
 COMFY_PATH_FILE = REPO_ROOT / ".venv" / "comfyui-path"
 
-log = logging.getLogger("safecfg.tests.runtime")
+log = logging.getLogger("SafeCFG.devtools")
 
 _lock = threading.RLock()
 _state: dict[str, Any] = {
-    "comfy_dir": None,  # Path once ensure_comfy() succeeded
+    "comfy_dir": None,  # Path once start() succeeded
+    "settings": None,  # (cpu, pytorch_attention) of that start
+    "nodes_loaded": False,
     "pack_loaded": False,
     "pack_error": None,  # str describing why the pack did not load
     "pack_node_ids": [],
@@ -138,12 +145,12 @@ def _held_root_logging():
         root.handlers[:] = saved
 
 
-def _load_node_dir(nodes_mod, path: Path) -> tuple[bool, list[str], str | None]:
+def _load_node_dir(nodes_mod, path: Path) -> tuple[bool, list[str], str | None, Any]:
     """Load one custom-node directory through ComfyUI's own loader.
 
-    Returns (ok, node ids it registered, error text or None)."""
+    Returns (ok, node ids it registered, error text or None, the module ComfyUI imported or None)."""
     if not (path / "__init__.py").is_file():
-        return False, [], f"{path} has no __init__.py"
+        return False, [], f"{path} has no __init__.py", None
     before = {k: v for k, v in nodes_mod.NODE_CLASS_MAPPINGS.items()}
     with _held_root_logging() as handler:
         try:
@@ -160,104 +167,152 @@ def _load_node_dir(nodes_mod, path: Path) -> tuple[bool, list[str], str | None]:
         error = "\n".join(handler.messages) or "load_custom_node returned False (no message logged)"
     elif not registered:
         error = "loaded but registered no node ids"
-    return ok and bool(registered), registered, error
+    return ok and bool(registered), registered, error, sys.modules.get(str(path).replace(".", "_x_"))
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 
 
-def ensure_comfy() -> Path:
-    """Import and initialise ComfyUI once per process; returns the ComfyUI directory.
+def start(*, cpu: bool | None = None, pytorch_attention: bool = False, nodes: bool = True,
+          test_nodes: bool = False) -> Path:
+    """Import and initialise ComfyUI in this process (library mode); returns the ComfyUI directory.
 
-    Idempotent. Loads: core nodes, builtin ``comfy_extras`` nodes (no API nodes, no
-    ``custom_nodes/`` scan), this pack (repo root) and ``tests/tiny_nodes``. A failure to load
-    this pack is logged as a warning (see ``pack_loaded()``/``pack_error()``), a failure to load
-    the tiny test nodes raises.
+    The one way development code starts ComfyUI. ``cpu``: ``True`` forces the CPU, ``None`` picks
+    the device automatically (CUDA where there is one, else the CPU). ``pytorch_attention``: ComfyUI's
+    ``--use-pytorch-cross-attention`` (on the CPU ComfyUI otherwise uses sub-quadratic attention;
+    PyTorch's SDPA is exact and several times faster for the toy world's training). ``nodes``: load
+    ComfyUI's nodes, its builtin ``comfy_extras`` (no API nodes, no ``custom_nodes/`` scan) and this
+    pack through ComfyUI's own loader, registered as ``safecfg_pack`` (:mod:`devtools.pack`);
+    ``test_nodes``: also the development-only ``devtools/tiny_nodes``.
+
+    Idempotent: a second call with the same device and attention adds what the first did not load
+    and returns; a different device or attention raises (the device is fixed once per process).
+    A failure to load this pack is logged (see ``pack_loaded()``/``pack_error()``); a failure to
+    load the tiny nodes raises.
     """
-    global _HEADLESS
     with _lock:
-        if _state["comfy_dir"] is not None:
-            return _state["comfy_dir"]
+        if cpu is None:  # ComfyUI itself needs --cpu where there is no CUDA device
+            import torch
 
-        comfy_dir = find_comfy_dir()
-        comfy_str = str(comfy_dir)
-        if comfy_str in sys.path:
-            sys.path.remove(comfy_str)
-        sys.path.insert(0, comfy_str)
+            cpu = not torch.cuda.is_available()
+        settings = (bool(cpu), bool(pytorch_attention))
+        if _state["comfy_dir"] is None:
+            _init_library(cpu, bool(pytorch_attention))
+            _state["settings"] = settings
+        elif _state["settings"] != settings:
+            raise ComfyRuntimeError(f"ComfyUI was already started with (cpu, pytorch_attention)="
+                                    f"{_state['settings']}; cannot restart it with {settings} in this process")
+        if nodes and not _state["nodes_loaded"]:
+            _load_nodes()
+        if test_nodes and not _state["tiny_node_ids"]:
+            _load_tiny_nodes()
+        return _state["comfy_dir"]
 
-        import comfy.options  # noqa: F401  (library mode: argv is not parsed)
-        from comfy.cli_args import args
 
-        force_cpu = os.environ.get("SAFECFG_TEST_GPU", "") not in ("1", "true", "yes")
-        if "comfy.model_management" in sys.modules:
-            mm = sys.modules["comfy.model_management"]
-            if force_cpu and mm.cpu_state != mm.CPUState.CPU:
-                raise ComfyRuntimeError("comfy.model_management was imported before ensure_comfy() "
-                                        "and picked a non-CPU device; call ensure_comfy() first")
-        if force_cpu:
-            args.cpu = True
+def started() -> bool:
+    """True once :func:`start` has run in this process."""
+    return _state["comfy_dir"] is not None
 
-        # Keep everything ComfyUI writes (SaveImage, PreviewImage, ...) out of the ComfyUI tree.
-        import folder_paths
 
-        work = Path(tempfile.mkdtemp(prefix="safecfg-comfy-"))
-        for sub in ("output", "temp", "input", "user"):
-            (work / sub).mkdir()
-        folder_paths.set_output_directory(str(work / "output"))
-        folder_paths.set_temp_directory(str(work / "temp"))
-        folder_paths.set_input_directory(str(work / "input"))
-        folder_paths.set_user_directory(str(work / "user"))
-        _state["work_dir"] = work
-        if os.environ.get("SAFECFG_KEEP_WORK_DIR", "") != "1":
-            atexit.register(shutil.rmtree, work, ignore_errors=True)
+def _require_started() -> None:
+    if _state["comfy_dir"] is None or not _state["nodes_loaded"]:
+        raise ComfyRuntimeError("ComfyUI is not started with its nodes: call devtools.comfy.start() first")
 
-        # Importing comfy.* and the builtin extras logs a warning/traceback per module that needs
-        # torchaudio (deliberately not installed). Hold ComfyUI's start-up log back, then re-log
-        # what is not about torchaudio and one summary line of the extras that failed.
-        with _held_root_logging() as held:
-            # Order matters and import sorters (ruff I001 --fix) would reorder plain imports:
-            # ComfyUI's top-level `utils` package must be imported before `nodes` (which puts
-            # <comfy>/comfy, holding a `utils.py`, first on sys.path); the device is picked when
-            # comfy.model_management is imported, after args.cpu was set above.
-            importlib.import_module("utils.extra_config")
-            importlib.import_module("comfy.model_management")
-            nodes = importlib.import_module("nodes")
-            _run_coro(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-        _HEADLESS = _HeadlessServer()
-        server_mod = importlib.import_module("server")
-        if getattr(server_mod.PromptServer, "instance", None) is None:
-            server_mod.PromptServer.instance = _HEADLESS
-        failed = sorted({m.split("IMPORT FAILED:", 1)[1].strip() for m in held.messages if "IMPORT FAILED:" in m})
-        _state["extra_import_failed"] = failed
-        for m in held.messages:
-            if "torchaudio" not in m and "IMPORT FAILED" not in m and not m.strip().startswith(
-                    ("WARNING: some comfy_extras", "This issue might be caused", "Please do a: pip", "Traceback")):
-                if m.strip() and not m.startswith("Cannot import"):
-                    log.warning("ComfyUI start-up: %s", m)
-        if failed:
-            log.info("builtin comfy_extras that did not import (expected without torchaudio): %s",
-                     ", ".join(failed))
-        for required in ("SamplerCustomAdvanced", "RescaleCFG", "CFGGuider", "KSamplerSelect"):
-            if required not in nodes.NODE_CLASS_MAPPINGS:
-                raise ComfyRuntimeError(f"builtin node {required} missing after init_extra_nodes "
-                                        f"(failed extras: {_state['extra_import_failed']})")
 
-        ok, ids, err = _load_node_dir(nodes, TINY_NODES_DIR)
-        if not ok or "SafeCFGTestTinyModel" not in ids:
-            raise ComfyRuntimeError(f"test-only node pack {TINY_NODES_DIR} failed to load:\n{err}")
-        _state["tiny_node_ids"] = ids
+def _init_library(cpu: bool, pytorch_attention: bool) -> None:
+    comfy_dir = find_comfy_dir()
+    comfy_str = str(comfy_dir)
+    if comfy_str in sys.path:
+        sys.path.remove(comfy_str)
+    sys.path.insert(0, comfy_str)
 
-        ok, ids, err = _load_node_dir(nodes, REPO_ROOT)
-        _state["pack_loaded"] = ok
-        _state["pack_node_ids"] = ids
-        _state["pack_error"] = err
-        if not ok:
-            log.warning("SafeCFG pack at %s FAILED to load; tests needing its nodes will fail:\n%s",
-                        REPO_ROOT, err)
+    import comfy.options  # noqa: F401  (library mode: argv is not parsed)
+    from comfy.cli_args import args
 
-        _state["comfy_dir"] = comfy_dir
-        return comfy_dir
+    if "comfy.model_management" in sys.modules:
+        mm = sys.modules["comfy.model_management"]
+        if cpu and mm.cpu_state != mm.CPUState.CPU:
+            raise ComfyRuntimeError("comfy.model_management was imported before devtools.comfy.start() "
+                                    "and picked a non-CPU device; call start() first")
+    if cpu:
+        args.cpu = True
+    if pytorch_attention:
+        args.use_pytorch_cross_attention = True
+
+    # Keep everything ComfyUI writes (SaveImage, PreviewImage, ...) out of the ComfyUI tree.
+    import folder_paths
+
+    work = Path(tempfile.mkdtemp(prefix="safecfg-comfy-"))
+    for sub in ("output", "temp", "input", "user"):
+        (work / sub).mkdir()
+    folder_paths.set_output_directory(str(work / "output"))
+    folder_paths.set_temp_directory(str(work / "temp"))
+    folder_paths.set_input_directory(str(work / "input"))
+    folder_paths.set_user_directory(str(work / "user"))
+    _state["work_dir"] = work
+    if os.environ.get("SAFECFG_KEEP_WORK_DIR", "") != "1":
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
+    # Order matters and import sorters (ruff I001 --fix) would reorder plain imports: ComfyUI's
+    # top-level `utils` package must be imported before `nodes` (which puts <comfy>/comfy, holding a
+    # `utils.py`, first on sys.path); the device is picked when comfy.model_management is imported,
+    # after args.cpu was set above.
+    with _held_root_logging() as held:
+        importlib.import_module("utils.extra_config")
+        importlib.import_module("comfy.model_management")
+    _relog_startup(held.messages)
+    _state["comfy_dir"] = comfy_dir
+
+
+def _relog_startup(messages: list[str]) -> None:
+    """Importing comfy.* and the builtin extras logs a warning/traceback per module that needs
+    torchaudio (deliberately not installed): re-log what is not about that, and one summary line."""
+    failed = sorted({m.split("IMPORT FAILED:", 1)[1].strip() for m in messages if "IMPORT FAILED:" in m})
+    _state["extra_import_failed"] += failed
+    for m in messages:
+        if "torchaudio" not in m and "IMPORT FAILED" not in m and not m.strip().startswith(
+                ("WARNING: some comfy_extras", "This issue might be caused", "Please do a: pip", "Traceback")):
+            if m.strip() and not m.startswith("Cannot import"):
+                log.warning("ComfyUI start-up: %s", m)
+    if failed:
+        log.info("builtin comfy_extras that did not import (expected without torchaudio): %s", ", ".join(failed))
+
+
+def _load_nodes() -> None:
+    global _HEADLESS
+    with _held_root_logging() as held:
+        nodes = importlib.import_module("nodes")
+        _run_coro(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    _relog_startup(held.messages)
+    _HEADLESS = _HeadlessServer()
+    server_mod = importlib.import_module("server")
+    if getattr(server_mod.PromptServer, "instance", None) is None:
+        server_mod.PromptServer.instance = _HEADLESS
+    for required in ("SamplerCustomAdvanced", "RescaleCFG", "CFGGuider", "KSamplerSelect"):
+        if required not in nodes.NODE_CLASS_MAPPINGS:
+            raise ComfyRuntimeError(f"builtin node {required} missing after init_extra_nodes "
+                                    f"(failed extras: {_state['extra_import_failed']})")
+
+    ok, ids, err, module = _load_node_dir(nodes, REPO_ROOT)
+    _state["pack_loaded"] = ok
+    _state["pack_node_ids"] = ids
+    _state["pack_error"] = err
+    if ok:
+        pack.register(module)
+    else:
+        log.warning("SafeCFG pack at %s FAILED to load; code needing its nodes will fail:\n%s", REPO_ROOT, err)
+    _state["nodes_loaded"] = True
+
+
+def _load_tiny_nodes() -> None:
+    import nodes
+
+    ok, ids, err, module = _load_node_dir(nodes, TINY_NODES_DIR)
+    if not ok or "SafeCFGTestTinyModel" not in ids:
+        raise ComfyRuntimeError(f"development node pack {TINY_NODES_DIR} failed to load:\n{err}")
+    pack.alias(TINY_NODES_NAME, module)
+    sys.modules[TINY_NODES_NAME + ".models"] = sys.modules[module.__name__ + ".models"]
+    _state["tiny_node_ids"] = ids
 
 
 def pack_loaded() -> bool:
@@ -275,29 +330,16 @@ def pack_node_ids() -> list[str]:
     return list(_state["pack_node_ids"])
 
 
-def pack_module():
-    """The module object ComfyUI imported for this pack (its ``__init__.py``; ComfyUI names it after
-    the directory path, dots replaced by ``_x_``). Submodules: ``pack_module().__name__ + ".safecfg..."``.
-    Note: these are different module objects from a plain ``import safecfg`` in a test."""
-    ensure_comfy()
-    if not pack_loaded():
-        raise ComfyRuntimeError(f"the SafeCFG pack failed to load:\n{pack_error()}")
-    name = str(REPO_ROOT).replace(".", "_x_")
-    try:
-        return sys.modules[name]
-    except KeyError:
-        raise ComfyRuntimeError(f"pack loaded but sys.modules has no {name!r}") from None
-
-
 def work_dir() -> Path:
     """Temporary base dir holding ComfyUI's output/, temp/, input/, user/ for this process."""
-    ensure_comfy()
+    if _state["work_dir"] is None:
+        raise ComfyRuntimeError("ComfyUI is not started: call devtools.comfy.start() first")
     return _state["work_dir"]
 
 
 def get_node(node_id: str):
     """The node class registered under ``node_id`` in ``nodes.NODE_CLASS_MAPPINGS``."""
-    ensure_comfy()
+    _require_started()
     import nodes
 
     try:
@@ -362,7 +404,7 @@ def run_prompt(prompt: dict, *, prompt_id: str | None = None, extra_data: dict |
     ``executor.caches`` / ``executor.status_messages``.
     Raises ``PromptExecutionError`` with ComfyUI's message (and node id/type) on failure.
     """
-    ensure_comfy()
+    _require_started()
     import execution
 
     prompt_id = prompt_id or str(uuid.uuid4())
@@ -394,31 +436,3 @@ def run_prompt(prompt: dict, *, prompt_id: str | None = None, extra_data: dict |
     if return_executor:
         return result, executor
     return result
-
-
-def txt2img_prompt(family: str = "sd15", *, seed: int = 0, model_seed: int = 0, steps: int = 2,
-                   cfg: float = 5.0, sampler_name: str = "euler", scheduler: str = "normal",
-                   positive: str = "a red cat", negative: str = "blurry", width: int = 64,
-                   height: int = 64, batch_size: int = 1, output: str = "SaveImage",
-                   filename_prefix: str = "safecfg_test") -> dict:
-    """API-format txt2img graph on the tiny test model, with fixed node ids:
-
-    "1" SafeCFGTestTinyModel -> "2"/"3" CLIPTextEncode (positive/negative), "4" EmptyLatentImage,
-    "5" KSampler, "6" VAEDecode, "7" ``output`` (SaveImage or PreviewImage).
-    Tests can splice patch nodes in by rewriting ``prompt["5"]["inputs"]["model"]``.
-    """
-    out_inputs = {"images": ["6", 0]}
-    if output == "SaveImage":
-        out_inputs["filename_prefix"] = filename_prefix
-    return {
-        "1": {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": family, "seed": model_seed}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch_size}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
-            "scheduler": scheduler, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": output, "inputs": out_inputs},
-    }

@@ -1,7 +1,7 @@
 """Start a real ComfyUI server (``main.py``) on loopback with this pack installed, for tests.
 
 ``comfy_server()`` builds a throw-away ``--base-directory`` whose ``custom_nodes/`` holds symlinks
-to this pack (``comfyui-safecfg``) and to the test-only ``tests/tiny_nodes``
+to this pack (``comfyui-safecfg``) and to the development-only ``devtools/tiny_nodes``
 (``safecfg_test_tiny_nodes``), starts ``python <comfy>/main.py --cpu --listen 127.0.0.1 --port P
 --base-directory <tmp>``, waits for ``/object_info`` and always stops the process. Only loopback
 HTTP, urllib only, proxies bypassed.
@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .runtime import REPO_ROOT, TINY_NODES_DIR, find_comfy_dir
+from .comfy import REPO_ROOT, TINY_NODES_DIR, find_comfy_dir
 
 PACK_LINK_NAME = "comfyui-safecfg"
 TINY_NODES_LINK_NAME = "safecfg_test_tiny_nodes"

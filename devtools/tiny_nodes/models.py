@@ -1,4 +1,4 @@
-"""Tiny, seeded, REAL ComfyUI model objects for tests (no downloads, no mocks).
+"""Tiny, seeded, REAL ComfyUI model objects for tests and benchmarks (no downloads, no mocks).
 
 Every builder returns the same object types a checkpoint loader would:
 
@@ -20,7 +20,7 @@ that moves by ~15% between prompts; TAESD decodes to mid-grey images with std ~0
 ComfyUI initialises itself (``logit_scale``, TAESD ``vae_scale``/``vae_shift``) and buffers (noise
 schedules) are left as ComfyUI set them.
 
-Call ``runtime.ensure_comfy()`` before importing this module (it imports ``comfy``).
+Import it after ``devtools.comfy.start(test_nodes=True)`` (it imports ``comfy``), as ``devtools.tiny_nodes.models``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""``python -m commands.safe_finetune --toy --out lora.safetensors [--supervised]`` (or ``--checkpoint``):
+unsupervised safe fine-tuning, a LoRA scored by the HGR's harmful Euclidean distance, from a
+repository checkout (ComfyUI from the bootstrap or ``COMFYUI_DIR``). Resumable: rerun the same
+command after an interruption. ``--supervised`` trains the ESD-style baseline from the true labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import add_device_args, progress_bars, start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Unsupervised safe fine-tuning: an HED-scored LoRA.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
+    src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
+    ap.add_argument("--hgr", default=None, help="learned HGR file (default for --toy: the bundled toy HGR)")
+    ap.add_argument("--prompts", default=None, help="prompt pool (.json pair file or .txt); labels are not read")
+    ap.add_argument("--supervised", action="store_true",
+                    help="the ESD-style baseline that uses the true labels instead of the HGR")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--states", type=int, default=5, help="states per trajectory")
+    ap.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts of the (shuffled) pool")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--state", default=None, help="resumable state folder (default: .toytrain/<out>.state for "
+                                                  "--toy, else next to --out)")
+    add_device_args(ap)
+    args = ap.parse_args(argv)
+
+    repo = start(args)
+    from safecfg_pack.nodes.finetune_nodes import run_finetune, unlabeled_prompts
+    from safecfg_pack.safecfg.finetune import FinetuneSpec
+    from safecfg_pack.safecfg.hgr_file import load_hgr
+    from safecfg_pack.safecfg.prompts import PromptData
+
+    if args.toy:
+        from toyworld.models import load_clip, load_unet
+
+        mp, clip = load_unet(), load_clip()
+        pool_path = Path(args.prompts or repo / "data" / "toyworld_hgr.json")
+        hgr_path = args.hgr or repo / "weights" / "hgr" / "toyworld_hgr.safetensors"
+    else:
+        import comfy.sd
+
+        mp, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+        if not args.prompts or (not args.hgr and not args.supervised):
+            raise SystemExit("--prompts and --hgr are required with --checkpoint")
+        pool_path, hgr_path = Path(args.prompts), args.hgr
+    prompts = unlabeled_prompts(pool_path)
+    if args.max_prompts:
+        prompts = prompts[:args.max_prompts]
+    hgr = None
+    labels = None
+    if args.supervised:
+        data = PromptData.load(pool_path)  # the baseline reads the labels
+        harmful = set(data.harmful)
+        labels = [p in harmful for p in prompts]
+    else:
+        hgr = load_hgr(hgr_path)
+    spec = FinetuneSpec(rank=args.rank, steps=args.steps, states_per_trajectory=args.states, seed=args.seed,
+                        threshold=(hgr.detect_threshold or 0.5) if hgr is not None else 0.5)
+    summary = run_finetune(mp, clip, prompts, Path(args.out), spec, redirector=hgr, harmful_labels=labels,
+                           image_size=args.size, progress=progress_bars(),
+                           state_dir=Path(args.state) if args.state else (
+                               repo / ".toytrain" / (Path(args.out).stem + ".state") if args.toy else None),
+                           metadata={"base_model": "toyworld" if args.toy else Path(args.checkpoint).name})
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

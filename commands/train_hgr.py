@@ -1,0 +1,78 @@
+"""``python -m commands.train_hgr --toy`` or ``--checkpoint model.safetensors``: train a learned HGR for
+a model, from a repository checkout (ComfyUI from the bootstrap or ``COMFYUI_DIR``).
+
+The teacher cache is resumable (rerun the same command after an interruption) and can be split
+across processes with ``--shard``/``--num-shards``; the fit writes a validated ``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import add_device_args, progress_bars, start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Train a Harmful Guidance Redirector (HGR) for a model.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
+    src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
+    ap.add_argument("--data", default=None, help="prompt-pair JSON (default: data/toyworld_hgr.json for --toy)")
+    ap.add_argument("--out", required=True, help="the HGR .safetensors to write")
+    ap.add_argument("--cache", default=None, help="teacher cache folder (default: next to --out)")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels for trajectories")
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps of the teacher trajectories")
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--fit-steps", type=int, default=3000)
+    ap.add_argument("--width", type=int, default=64, help="HGR base width (64 = 2.4 M parameters)")
+    ap.add_argument("--shard", type=int, default=0)
+    ap.add_argument("--num-shards", type=int, default=1, help="split cache building across processes")
+    ap.add_argument("--seed", type=int, default=0)
+    add_device_args(ap)
+    args = ap.parse_args(argv)
+
+    repo = start(args)
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg.hgr_net import HGRConfig
+    from safecfg_pack.safecfg.prompts import PromptData
+    from safecfg_pack.safecfg.teacher_cache import CacheSpec, build_cache
+    from safecfg_pack.safecfg.train import FitSpec, train_hgr
+
+    if args.toy:
+        from toyworld.models import load_clip, load_unet
+
+        mp, clip, base = load_unet(), load_clip(), "toyworld"
+        data_path = args.data or repo / "data" / "toyworld_hgr.json"
+    else:
+        import comfy.sd
+
+        mp, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+        if clip is None:
+            raise SystemExit(f"{args.checkpoint}: no text encoder in the checkpoint; HGR training needs one")
+        base = Path(args.checkpoint).name
+        if not args.data:
+            raise SystemExit("--data is required with --checkpoint (see data/ for the format)")
+        data_path = args.data
+    teacher = ComfyTeacher(mp, clip, width=args.size, height=args.size)
+    data = PromptData.load(data_path)
+    out = Path(args.out)
+    cache_dir = Path(args.cache) if args.cache else out.with_suffix(".cache")
+    progress = progress_bars()
+    cache_spec = CacheSpec(steps=args.steps, cfg=args.cfg, seed=args.seed)
+    if args.num_shards > 1:
+        build_cache(teacher, data, cache_dir, cache_spec, shard=args.shard, num_shards=args.num_shards,
+                    progress=lambda d, t: progress("cache", d, t))
+        print(f"shard {args.shard}/{args.num_shards} of the cache done; run without --num-shards to fit")
+        return 0
+    _, summary = train_hgr(teacher, data, cache_dir, out, base_model=base, progress=progress, cache_spec=cache_spec,
+                           fit_spec=FitSpec(steps=args.fit_steps, seed=args.seed),
+                           config=HGRConfig(latent_channels=teacher.latent_channels, width=args.width))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

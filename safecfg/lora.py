@@ -1,0 +1,139 @@
+"""LoRA on a torch module: injection, removal, ComfyUI-format files and resumable training state. Plain torch.
+
+LoRA files use the kohya/ComfyUI key format (``lora_unet_<module path with _>.lora_down.weight``,
+``.lora_up.weight``, ``.alpha``), which ComfyUI's own LoRA loaders read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("SafeCFG")
+
+DEFAULT_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                   "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) * up(down(x))``; ``up`` starts at zero (the base model exactly)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, seed: int = 0):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha = int(rank), float(alpha)
+        g = torch.Generator().manual_seed(seed)
+        w = base.weight
+        self.down = nn.Parameter(torch.randn(rank, w.shape[1], generator=g, dtype=torch.float32)
+                                 / math.sqrt(w.shape[1]))
+        self.up = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=torch.float32))
+
+    def forward(self, x):
+        y = self.base(x)
+        d = (x.to(self.down.dtype) @ self.down.t()) @ self.up.t()
+        return y + (d * (self.alpha / self.rank)).to(y.dtype)
+
+
+def inject_lora(root: nn.Module, *, rank: int = 8, alpha: float | None = None,
+                targets: tuple[str, ...] = DEFAULT_TARGETS, seed: int = 0) -> dict[str, LoRALinear]:
+    """Wrap every ``nn.Linear`` of ``root`` whose path ends with one of ``targets``; returns path -> LoRA."""
+    found = [(name, m) for name, m in root.named_modules()
+             if isinstance(m, nn.Linear) and any(name.endswith(t) for t in targets)]
+    if not found:
+        raise ValueError(f"no Linear module matches the LoRA targets {targets}")
+    loras = {}
+    for i, (name, m) in enumerate(found):
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        lora = LoRALinear(m, rank, alpha if alpha is not None else float(rank), seed=seed * 100_003 + i)
+        lora.to(m.weight.device)
+        setattr(parent, child, lora)
+        loras[name] = lora
+    return loras
+
+
+def remove_lora(root: nn.Module, loras: dict[str, LoRALinear]) -> None:
+    """Put the original modules back."""
+    for name, lora in loras.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, lora.base)
+
+
+def lora_state_dict(loras: dict[str, LoRALinear], prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+    """Kohya/ComfyUI LoRA keys for the UNet's ``diffusion_model`` module paths."""
+    out = {}
+    for name, lora in loras.items():
+        key = prefix + name.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = lora.down.detach().float().cpu().contiguous()
+        out[f"{key}.lora_up.weight"] = lora.up.detach().float().cpu().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+    return out
+
+
+def save_lora(path: str | os.PathLike, loras: dict[str, LoRALinear], metadata: dict | None = None) -> Path:
+    """Write a LoRA ``.safetensors`` atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA files are .safetensors; got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(lora_state_dict(loras), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_state(path, loras: dict[str, LoRALinear], opt, step: int, fingerprint: str = "") -> None:
+    """The LoRA weights, the optimiser's moments and the step, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = lora_state_dict(loras)
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.ndim > 0:
+                tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": fingerprint})
+    os.replace(tmp, path)
+
+
+def load_state(path, loras: dict[str, LoRALinear], opt, fingerprint: str = "") -> int:
+    """Resume from ``path``; a state saved for other data or settings is ignored (returns 0)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("fingerprint", "") != fingerprint:
+            log.info("[SafeCFG] %s was saved for other data or settings; training from the start", path)
+            return 0
+        step = int(meta.get("step", 0))
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        for name, lora in loras.items():
+            key = "lora_unet_" + name.replace(".", "_")
+            lora.down.copy_(t[f"{key}.lora_down.weight"])
+            lora.up.copy_(t[f"{key}.lora_up.weight"])
+    st = opt.state_dict()
+    params = st["param_groups"][0]["params"]
+    state = {}
+    for i in params:
+        if f"opt.{i}.exp_avg" in t:
+            state[i] = {"step": torch.tensor(float(step)), "exp_avg": t[f"opt.{i}.exp_avg"],
+                        "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"]}
+    opt.load_state_dict({"state": state, "param_groups": st["param_groups"]})
+    return step
