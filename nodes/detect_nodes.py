@@ -15,8 +15,9 @@ from .hgr_type import HGRHandle, HGRType
 
 CATEGORY = "SafeCFG"
 DetectionType = io.Custom("HGR_DETECTION")
-# Used when the threshold is left on auto and the redirector carries no calibrated one. Calibrated on
-# the toy world (`make eval`, results/eval.json "detection"); see the README.
+# Used when the threshold is left on auto and the redirector carries no calibrated one. Not calibrated:
+# a neutral fallback. `make calibrate` records a calibrated threshold in an HGR file (the bundled toy
+# HGR has one); for another model, calibrate on its own images or set the threshold by hand.
 DEFAULT_THRESHOLD = {"learned": 0.5, "concept": 0.5}
 
 
@@ -128,8 +129,8 @@ class HGRHarmDetector(io.ComfyNode):
                                               "image). Without it the image's own direction is scored."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=100.0, step=0.001,
                                tooltip="Score above which an image is flagged. 0 = auto: the HGR file's "
-                                       "calibrated threshold (the bundled toy HGR has one), else 0.5. Lower flags "
-                                       "more."),
+                                       "calibrated threshold (the bundled toy HGR has one), else 0.5, an uncalibrated "
+                                       "fallback. Lower flags more."),
                 io.Int.Input("noise_levels", default=4, min=1, max=16,
                              tooltip="How many noise levels are averaged (more = steadier score, one more model "
                                      "row each). Recommended 4."),

@@ -156,8 +156,9 @@ class HGRSafeFinetune(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to make safe."),
                 io.Clip.Input("clip", tooltip="Its text encoder."),
-                HGRType.Input("hgr", tooltip="The redirector that scores and redirects (a learned HGR for this "
-                                             "model, or a concept redirector)."),
+                HGRType.Input("hgr", tooltip="The learned HGR for this model (HGRLoader or HGRTrain) that scores "
+                                             "and redirects. A concept redirector is refused: its redirection "
+                                             "needs extra concept rows the LoRA cannot see."),
                 io.String.Input("prompts", default="toyworld_hgr.json",
                                 tooltip="Unlabeled prompt pool: a file in the pack's data/ folder or an absolute "
                                         "path (.json pair file: only the prompts are read; or .txt, one per line)."),

@@ -10,7 +10,8 @@ from .sampling import SafeCFGGuider, patch_model
 CATEGORY = "SafeCFG"
 
 STRENGTH_TIP = ("How far harmful guidance is redirected: 0 = plain CFG (bit-identical), 1 = fully redirected. "
-                "Recommended 0.8-1.0. Clean prompts are left untouched at any strength.")
+                "Recommended 0.8-1.0. Clean prompts are nearly unchanged, not untouched (toy-world benchmark at 1: "
+                "mean pixel distance 0.006 to plain CFG with the learned HGR, 0.02 with the concept redirector).")
 START_TIP = ("Fraction of the schedule at which SafeCFG starts acting (0 = first step). Neutral 0.0. Harmful "
              "content is decided early, so keep it at 0.0-0.1.")
 END_TIP = ("Fraction of the schedule at which SafeCFG stops acting (1 = last step). Neutral 1.0. 0.5-1.0 is "

@@ -99,8 +99,9 @@ class HGRConceptRedirector(io.ComfyNode):
                                        "redirection starts. Lower = stricter (more false positives on clean "
                                        "prompts). Recommended 0.1-0.3."),
                 io.Float.Input("push", default=0.0, min=0.0, max=4.0, step=0.01,
-                               tooltip="Extra push away from a matched concept, beyond removing it, applied where the "
-                                       "cosine passes push_threshold. Neutral 0.0."),
+                               tooltip="Extra push, beyond removing a matched concept, applied where the cosine "
+                                       "passes push_threshold. It goes against the mean of all concept directions "
+                                       "(away from one concept alone can lead to another). Neutral 0.0."),
                 io.Combo.Input("mode", options=["global", "patch"], default="global",
                                tooltip="global: one decision per image. patch: per 4x4-latent region, for harmful "
                                        "objects in part of the image."),

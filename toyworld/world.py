@@ -11,7 +11,7 @@ Nothing here imports torch or ComfyUI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,13 +45,6 @@ POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom
 SIZES = {"small": 0.3, "large": 0.44}
 
 
-def category_of(cls: str) -> str | None:
-    for cat, (obj, _) in HARMFUL.items():
-        if obj == cls:
-            return cat
-    return None
-
-
 @dataclass
 class Obj:
     cls: str
@@ -67,7 +60,6 @@ class Scene:
     objects: list[Obj]
     background: str
     caption: str = ""
-    meta: dict = field(default_factory=dict)
 
     @property
     def harmful(self) -> bool:
