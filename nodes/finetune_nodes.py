@@ -22,10 +22,9 @@ from ..safecfg.finetune import (
     data_fingerprint,
     lora_fingerprint,
     supervised_targets,
-    train_lora,
     unsupervised_targets,
 )
-from ..safecfg.lora import inject_lora, remove_lora, save_lora
+from ..safecfg.lora import inject_lora, remove_lora, save_lora, train_lora
 from ..safecfg.prompts import PromptData
 from ..safecfg.teacher_cache import cache_metadata
 from .hgr_type import HGRHandle, HGRType

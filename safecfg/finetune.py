@@ -9,7 +9,7 @@ plain CFG then gives SafeCFG's ``D_u + cfg * R(g)``, for clean ones the target i
 prediction itself (the preservation term). The supervised baseline (``supervised_targets``) uses
 the true labels instead, with ESD's negative-guidance target for harmful prompts.
 
-The LoRA itself (modules, files, resumable state) is :mod:`safecfg.lora`; the command line is
+The LoRA itself (modules, files, the training loop, resumable state) is :mod:`safecfg.lora`; the command line is
 ``python -m commands.safe_finetune``. Plain torch.
 """
 
@@ -18,17 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .lora import LoRALinear, load_state, save_state
 from .teacher_cache import digest
 
 log = logging.getLogger("SafeCFG")
@@ -130,56 +126,3 @@ def build_data(teacher, prompts: list[str], targets_fn: Callable, spec: Finetune
         if progress is not None:
             progress(u + 1, len(units))
     return {k: torch.cat(v) for k, v in rec.items()}
-
-
-def train_lora(predict: Callable, loras: dict[str, LoRALinear], data: dict[str, torch.Tensor],
-               spec: FinetuneSpec, *, progress: Callable[[int, int, float], None] | None = None,
-               should_stop: Callable[[], bool] | None = None, state_path: str | os.PathLike | None = None,
-               save_every: int = 100, fingerprint: str = "") -> dict:
-    """Fit the LoRA parameters: ``predict(x, sigma, prompt_rows) -> D`` (with grad) towards ``target``,
-    MSE in noise space (``(D - target) / sigma``). Resumable from ``state_path`` when it was saved
-    with the same ``fingerprint`` (:func:`lora_fingerprint`)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every, fingerprint)
-
-
-def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every,
-                fingerprint: str = "") -> dict:
-    params = [p for lora in loras.values() for p in (lora.down, lora.up)]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    step = 0
-    if state_path is not None and Path(state_path).is_file():
-        step = load_state(state_path, loras, opt, fingerprint)
-    losses = []
-    with torch.inference_mode(False), torch.enable_grad():
-        data = {k: v.clone() for k, v in data.items()}  # plain tensors (inputs may be inference tensors)
-        n = data["x"].shape[0]
-        for p in params:
-            p.requires_grad_(True)
-        while step < spec.steps:
-            if should_stop is not None and should_stop():
-                if state_path is not None:
-                    save_state(state_path, loras, opt, step, fingerprint)
-                raise InterruptedError("safe fine-tuning stopped")
-            g = torch.Generator().manual_seed(spec.seed * 7_919 + step)
-            idx = torch.randint(0, n, (min(spec.batch, n),), generator=g)
-            x, s, rows, t = data["x"][idx], data["sigma"][idx], data["prompt"][idx], data["target"][idx]
-            lr = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
-            for grp in opt.param_groups:
-                grp["lr"] = lr
-            d = predict(x.clone(), s, rows)
-            sv = s.view(-1, *([1] * (x.ndim - 1))).to(d.device)
-            loss = (((d.float() - t.to(d.device)) / sv) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(step, spec.steps, losses[-1])
-            if state_path is not None and step % save_every == 0:
-                save_state(state_path, loras, opt, step, fingerprint)
-    if state_path is not None:
-        save_state(state_path, loras, opt, step, fingerprint)
-    tail = losses[-50:] or [float("nan")]
-    return {"steps": step, "final_loss": sum(tail) / len(tail)}

@@ -1,4 +1,5 @@
-"""LoRA on a torch module: injection, removal, ComfyUI-format files and resumable training state. Plain torch.
+"""LoRA on a torch module: injection, removal, ComfyUI-format files, the training loop and its
+resumable state. Plain torch. What the LoRA is trained towards is :mod:`safecfg.finetune`'s business.
 
 LoRA files use the kohya/ComfyUI key format (``lora_unet_<module path with _>.lora_down.weight``,
 ``.lora_up.weight``, ``.alpha``), which ComfyUI's own LoRA loaders read.
@@ -10,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,6 +96,60 @@ def save_lora(path: str | os.PathLike, loras: dict[str, LoRALinear], metadata: d
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def train_lora(predict: Callable, loras: dict[str, LoRALinear], data: dict[str, torch.Tensor],
+               spec, *, progress: Callable[[int, int, float], None] | None = None,
+               should_stop: Callable[[], bool] | None = None, state_path: str | os.PathLike | None = None,
+               save_every: int = 100, fingerprint: str = "") -> dict:
+    """Fit the LoRA parameters: ``predict(x, sigma, prompt_rows) -> D`` (with grad) towards ``target``
+    (``spec``: ``steps``, ``batch``, ``lr``, ``seed``, e.g. a :class:`safecfg.finetune.FinetuneSpec`),
+    MSE in noise space (``(D - target) / sigma``). Resumable from ``state_path`` when it was saved
+    with the same ``fingerprint`` (:func:`safecfg.finetune.lora_fingerprint`)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every, fingerprint)
+
+
+def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every,
+                fingerprint: str = "") -> dict:
+    params = [p for lora in loras.values() for p in (lora.down, lora.up)]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    step = 0
+    if state_path is not None and Path(state_path).is_file():
+        step = load_state(state_path, loras, opt, fingerprint)
+    losses = []
+    with torch.inference_mode(False), torch.enable_grad():
+        data = {k: v.clone() for k, v in data.items()}  # plain tensors (inputs may be inference tensors)
+        n = data["x"].shape[0]
+        for p in params:
+            p.requires_grad_(True)
+        while step < spec.steps:
+            if should_stop is not None and should_stop():
+                if state_path is not None:
+                    save_state(state_path, loras, opt, step, fingerprint)
+                raise InterruptedError("safe fine-tuning stopped")
+            g = torch.Generator().manual_seed(spec.seed * 7_919 + step)
+            idx = torch.randint(0, n, (min(spec.batch, n),), generator=g)
+            x, s, rows, t = data["x"][idx], data["sigma"][idx], data["prompt"][idx], data["target"][idx]
+            lr = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            d = predict(x.clone(), s, rows)
+            sv = s.view(-1, *([1] * (x.ndim - 1))).to(d.device)
+            loss = (((d.float() - t.to(d.device)) / sv) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step, spec.steps, losses[-1])
+            if state_path is not None and step % save_every == 0:
+                save_state(state_path, loras, opt, step, fingerprint)
+    if state_path is not None:
+        save_state(state_path, loras, opt, step, fingerprint)
+    tail = losses[-50:] or [float("nan")]
+    return {"steps": step, "final_loss": sum(tail) / len(tail)}
 
 
 def save_state(path, loras: dict[str, LoRALinear], opt, step: int, fingerprint: str = "") -> None:
