@@ -203,7 +203,7 @@ def start(*, cpu: bool | None = None, pytorch_attention: bool = False, nodes: bo
         elif _state["settings"] != settings:
             raise ComfyRuntimeError(f"ComfyUI was already started with (cpu, pytorch_attention)="
                                     f"{_state['settings']}; cannot restart it with {settings} in this process")
-        if nodes and not _state["nodes_loaded"]:
+        if (nodes or test_nodes) and not _state["nodes_loaded"]:
             _load_nodes()
         if test_nodes and not _state["tiny_node_ids"]:
             _load_tiny_nodes()
