@@ -19,9 +19,14 @@ def main(argv=None) -> int:
     src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
     src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
     ap.add_argument("--hgr", default=None, help="learned HGR file (default for --toy: the bundled toy HGR)")
-    ap.add_argument("--prompts", default=None, help="prompt pool (.json pair file or .txt); labels are not read")
+    ap.add_argument("--prompts", default=None,
+                    help="unlabelled prompt pool (.txt, one per line, or .json; only prompt strings are read; "
+                         "default for --toy: data/toyworld_pool.txt)")
     ap.add_argument("--supervised", action="store_true",
                     help="the ESD-style baseline that uses the true labels instead of the HGR")
+    ap.add_argument("--labels", default=None,
+                    help="--supervised only: the labels, {\"harmful\": {prompt: true/false}} or an HGR pair file "
+                         "(default for --toy: data/toyworld_pool_labels.json)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=1500)
@@ -44,7 +49,8 @@ def main(argv=None) -> int:
         from toyworld.models import load_clip, load_unet
 
         mp, clip = load_unet(), load_clip()
-        pool_path = Path(args.prompts or repo / "data" / "toyworld_hgr.json")
+        pool_path = Path(args.prompts or repo / "data" / "toyworld_pool.txt")
+        labels_path = Path(args.labels or repo / "data" / "toyworld_pool_labels.json")
         hgr_path = args.hgr or repo / "weights" / "hgr" / "toyworld_hgr.safetensors"
     else:
         import comfy.sd
@@ -53,15 +59,22 @@ def main(argv=None) -> int:
         if not args.prompts or (not args.hgr and not args.supervised):
             raise SystemExit("--prompts and --hgr are required with --checkpoint")
         pool_path, hgr_path = Path(args.prompts), args.hgr
+        labels_path = Path(args.labels) if args.labels else pool_path
     prompts = unlabeled_prompts(pool_path)
     if args.max_prompts:
         prompts = prompts[:args.max_prompts]
     hgr = None
     labels = None
-    if args.supervised:
-        data = PromptData.load(pool_path)  # the baseline reads the labels
-        harmful = set(data.harmful)
-        labels = [p in harmful for p in prompts]
+    if args.supervised:  # the baseline reads the labels
+        raw = json.loads(labels_path.read_text(encoding="utf-8"))
+        if "pairs" in raw:
+            harmful = set(PromptData.load(labels_path).harmful)
+            labels = [p in harmful for p in prompts]
+        else:
+            missing = [p for p in prompts if p not in raw["harmful"]]
+            if missing:
+                raise SystemExit(f"{labels_path}: no label for {len(missing)} prompts, e.g. {missing[0]!r}")
+            labels = [bool(raw["harmful"][p]) for p in prompts]
     else:
         hgr = load_hgr(hgr_path)
     spec = FinetuneSpec(rank=args.rank, steps=args.steps, states_per_trajectory=args.states, seed=args.seed,

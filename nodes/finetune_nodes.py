@@ -25,7 +25,6 @@ from ..safecfg.finetune import (
     unsupervised_targets,
 )
 from ..safecfg.lora import inject_lora, remove_lora, save_lora, train_lora
-from ..safecfg.prompts import PromptData
 from ..safecfg.teacher_cache import cache_metadata
 from .hgr_type import HGRHandle, HGRType
 from .teacher import ComfyTeacher
@@ -35,12 +34,25 @@ PACK_DIR = Path(__file__).resolve().parents[1]
 
 
 def unlabeled_prompts(path: str | os.PathLike) -> list[str]:
-    """Every prompt of a data file, labels dropped: a pair file's harmful and clean prompts (the safe
-    rewrites and categories are never read), or a text file with one prompt per line."""
+    """The prompt strings of a pool file, nothing else: a text file with one prompt per line, a JSON list
+    of strings or ``{"prompts": [...]}``; from an HGR pair file only the ``harmful`` and ``clean``
+    strings (its ``safe`` rewrites and ``category`` labels are never looked up)."""
     p = Path(path)
     if p.suffix == ".json":
-        data = PromptData.load(p)
-        prompts = list(data.harmful) + list(data.clean)
+        d = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(d, dict) and "prompts" in d:
+            d = d["prompts"]
+        if isinstance(d, list):
+            prompts = d
+        elif isinstance(d, dict):
+            prompts = [pair.get("harmful") if isinstance(pair, dict) else None for pair in d.get("pairs", [])]
+            prompts += list(d.get("clean", []))
+        else:
+            prompts = [None]
+        if not all(isinstance(t, str) and t.strip() for t in prompts):
+            raise ValueError(f"{p}: a JSON prompt pool is a list of strings, {{\"prompts\": [...]}}, or a pair file "
+                             "whose pairs each have a 'harmful' string")
+        prompts = [t.strip() for t in prompts]
     else:
         prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     # a fixed shuffle: nothing downstream can tell harmful from clean by position
@@ -158,9 +170,10 @@ class HGRSafeFinetune(io.ComfyNode):
                 HGRType.Input("hgr", tooltip="The learned HGR for this model (HGRLoader or HGRTrain) that scores "
                                              "and redirects. A concept redirector is refused: its redirection "
                                              "needs extra concept rows the LoRA cannot see."),
-                io.String.Input("prompts", default="toyworld_hgr.json",
+                io.String.Input("prompts", default="toyworld_pool.txt",
                                 tooltip="Unlabeled prompt pool: a file in the pack's data/ folder or an absolute "
-                                        "path (.json pair file: only the prompts are read; or .txt, one per line)."),
+                                        "path (.txt, one prompt per line; or .json: a list of prompts, or a pair "
+                                        "file of which only the prompt strings are read)."),
                 io.String.Input("filename", default="safe_lora", tooltip="Name of the LoRA written to models/loras/."),
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=64,
                              tooltip="Image side of the teacher trajectories: the model's native size (512 SD1.5, "

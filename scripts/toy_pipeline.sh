@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 $PY -m commands.train_hgr --toy --out weights/hgr/toyworld_hgr.safetensors --cache .toytrain/hgr_cache_v2 --fit-steps 5000
 $PY -m toyworld.calibrate
+$PY -m toyworld.pool  # the unlabelled fine-tuning pool (and its labels, for the supervised baseline only)
 $PY -m commands.safe_finetune --toy --out weights/loras/toyworld_safe_lora.safetensors --max-prompts 384 --steps 500
 $PY -m commands.safe_finetune --toy --supervised --out weights/loras/toyworld_supervised_lora.safetensors \
     --max-prompts 384 --steps 500

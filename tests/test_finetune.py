@@ -19,6 +19,7 @@ from safecfg_pack.nodes import finetune_nodes as fn
 from safecfg_pack.nodes import hgr_type
 from safecfg_pack.safecfg import finetune as ft
 from safecfg_pack.safecfg import hgr_net
+from safecfg_pack.safecfg.prompts import PromptData
 
 PROMPTS = ["a red knife", "a blue cat", "a skull", "a green house", "a yellow knife", "a tree"]
 
@@ -119,6 +120,22 @@ def test_unlabeled_pool_reads_no_labels(tmp_path):
                              "clean": ["a cat", "a tree"]}))
     pool = fn.unlabeled_prompts(f)
     assert sorted(pool) == ["a cat", "a knife", "a tree"]  # no safe rewrite, no category
+    # the labels are never looked up: a pair file without them, or with values no reader could use, loads
+    # the same prompts (the HGR trainer's reader, PromptData.load, refuses a pair without its rewrite)
+    for pair in ({"harmful": "a knife"}, {"harmful": "a knife", "safe": {"x": [1]}, "category": 7}):
+        g = tmp_path / "unlabelled_pairs.json"
+        g.write_text(json.dumps({"pairs": [pair], "clean": ["a cat", "a tree"]}))
+        assert sorted(fn.unlabeled_prompts(g)) == ["a cat", "a knife", "a tree"]
+        if "safe" not in pair:
+            with pytest.raises(ValueError):
+                PromptData.load(g)
+    for d in (["b", "a "], {"prompts": ["a", "b"]}):
+        g = tmp_path / "plain.json"
+        g.write_text(json.dumps(d))
+        assert sorted(fn.unlabeled_prompts(g)) == ["a", "b"]
+    g.write_text(json.dumps({"prompts": ["a", 3]}))
+    with pytest.raises(ValueError, match="list of strings"):
+        fn.unlabeled_prompts(g)
     t = tmp_path / "p.txt"
     t.write_text("one\n\ntwo\n")
     assert sorted(fn.unlabeled_prompts(t)) == ["one", "two"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -227,3 +229,39 @@ def test_bundled_toy_hgr_drives_the_toy_model(bundle, pack, run_prompt):
     }
     out = run_prompt(g)
     assert len(out["9"]["images"]) == 1
+
+
+def test_fine_tuning_pool_is_unlabelled_disjoint_from_the_benchmark_and_matches_its_generator():
+    """data/toyworld_pool.txt: captions of the toy world's training templates (training names only), no
+    string the benchmark or calibration can draw, and exactly what toyworld.pool builds from its seed."""
+    from toyworld import pool
+    from toyworld.eval.prompts import benchmark_strings, make_prompts
+
+    lines = pool.POOL.read_text(encoding="utf-8").splitlines()
+    prompts, labels = pool.build()
+    assert lines == prompts and len(set(lines)) == len(lines) >= 1000
+    banned = benchmark_strings()
+    for split, seed in (("clean", 2024), ("harmful", 2025), ("heldout", 2026), ("clean", 7), ("harmful", 8)):
+        assert {t for t, *_ in make_prompts(split, 200, seed)} <= banned  # the set covers what is drawn
+    assert not (set(lines) & banned)
+    held = set(world.HELD_OUT_NAMES.values())
+    assert not any(set(t.split()) & held for t in lines)
+    assert 0.3 < sum(labels) / len(labels) < 0.5  # harmful captions are there, unlabelled, as in real use
+    stored = json.loads(pool.LABELS.read_text())["harmful"]
+    assert [stored[t] for t in lines] == labels
+
+
+def test_benchmark_intervals():
+    """Wilson intervals for rates (textbook values), bootstrap intervals around a mean."""
+    import numpy as np
+
+    from toyworld.eval.metrics import bootstrap_ci, rate_ci, wilson
+
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-4
+    lo, hi = wilson(5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
+    assert wilson(0, 0) == [0.0, 1.0] and rate_ci([True] * 200)[1] == 1.0
+    v = np.random.default_rng(0).normal(1.0, 0.5, 400)
+    a, b = bootstrap_ci(v)
+    assert a < v.mean() < b and 0.05 < b - a < 0.15 and bootstrap_ci(v) == [a, b]

@@ -121,7 +121,7 @@ def toy_safe_finetune() -> dict:
         "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
         "2": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
         "3": {"class_type": "HGRSafeFinetune", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "hgr": ["2", 0], "prompts": "toyworld_hgr.json",
+            "model": ["1", 0], "clip": ["1", 1], "hgr": ["2", 0], "prompts": "toyworld_pool.txt",
             "filename": "my_toy_safe_lora", "image_size": 64, "steps": 500, "rank": 8, "threshold": 0.0,
             "seed": 0}},
         "4": {"class_type": "LoraLoaderModelOnly", "inputs": {

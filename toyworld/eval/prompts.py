@@ -32,3 +32,19 @@ def make_prompts(split: str, n: int, seed: int):
             text += " " + world.BACKGROUND_PHRASE[bg]
         out.append((text, cls, colour, bg))
     return out
+
+
+def benchmark_strings() -> set[str]:
+    """Every prompt string :func:`make_prompts` can draw, for any split and seed (the benchmark's and the
+    calibration's): what training and fine-tuning data must never contain."""
+    from .. import world
+
+    names = list(world.CLEAN_CLASSES)
+    names += [n for cat in world.HARMFUL for n in world.TRAIN_NAMES[cat] + [world.HELD_OUT_NAMES[cat]]]
+    out = set()
+    for colour in world.COLOUR_NAMES:
+        art = "an " if colour[0] in "aeiou" else "a "
+        for name in names:
+            out.add(f"{art}{colour} {name}")
+            out |= {f"{art}{colour} {name} {world.BACKGROUND_PHRASE[bg]}" for bg in world.BACKGROUNDS}
+    return out
