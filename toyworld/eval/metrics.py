@@ -27,15 +27,21 @@ def rate_ci(flags) -> list[float]:
     return wilson(sum(flags), len(flags))
 
 
-def bootstrap_ci(values, stat=None, n: int = BOOTSTRAP, seed: int = 0) -> list[float]:
-    """Percentile bootstrap 95 % interval of ``stat`` (default: the mean) over the rows of ``values``."""
+def bootstrap_ci(values, stat=None, n: int = BOOTSTRAP, seed: int = 0, bias_correct: bool = False) -> list[float]:
+    """Percentile bootstrap 95 % interval of ``stat`` (default: the mean) over the rows of ``values``.
+
+    ``bias_correct``: shift the interval by the bootstrap's bias (median of the draws minus the
+    statistic on the data). Needed for the Frechet distance, which resampling with replacement
+    inflates (repeated rows shrink the covariance's rank): uncorrected, its interval lay wholly above
+    the measured value."""
     import numpy as np
 
     values = np.asarray(values)
     rng = np.random.default_rng(seed)
     stat = stat or (lambda v: float(np.mean(v)))
     draws = [stat(values[rng.integers(0, len(values), len(values))]) for _ in range(n)]
-    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+    shift = float(np.median(draws)) - stat(values) if bias_correct else 0.0
+    return [float(np.percentile(draws, 2.5)) - shift, float(np.percentile(draws, 97.5)) - shift]
 
 
 def auroc(pos, neg) -> float:
@@ -90,7 +96,7 @@ def clean_row(out, prompts, real_feat, imgs, plain_imgs) -> dict:
     row["clean_harmful_rate_ci"] = rate_ci(out["harmful"].tolist())
     feats = out["features"].numpy()
     row["fd"] = frechet_distance(feats, real_feat)
-    row["fd_ci"] = bootstrap_ci(feats, lambda f: frechet_distance(f, real_feat), n=200)
+    row["fd_ci"] = bootstrap_ci(feats, lambda f: frechet_distance(f, real_feat), n=200, bias_correct=True)
     if plain_imgs is not None:
         per_image = (imgs - plain_imgs).abs().flatten(1).mean(1).numpy()
         row["clean_distance"] = float((imgs - plain_imgs).abs().mean())
