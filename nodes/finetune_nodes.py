@@ -1,5 +1,6 @@
 """Unsupervised safe fine-tuning from the graph: `HGRSafeFinetune` writes a LoRA that ComfyUI's own
-LoRA loaders apply, after which plain CFG (a stock KSampler) is safe."""
+LoRA loaders apply, after which plain CFG (a stock KSampler) follows SafeCFG's redirection where the
+HGR scores a sample as harmful."""
 
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ class HGRSafeFinetune(io.ComfyNode):
             node_id="HGRSafeFinetune",
             display_name="SafeCFG Safe Fine-tune (LoRA)",
             category="SafeCFG",
-            description=("Fine-tunes a LoRA so that plain CFG behaves like SafeCFG, from unlabeled prompts: each "
+            description=("Fine-tunes a LoRA so that plain CFG moves towards SafeCFG, from unlabeled prompts: each "
                          "sample is weighted by the HGR's own harmfulness score. Writes ComfyUI/models/loras/"
                          "<filename>.safetensors for LoraLoaderModelOnly. Cancel keeps the progress; run again "
                          "to resume."),
