@@ -41,3 +41,25 @@ def progress_bars():
         bar.refresh()
 
     return progress
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """``--toy`` (the bundled toy-world model) or ``--checkpoint`` (a user's checkpoint file)."""
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
+    src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
+
+
+def load_model(args: argparse.Namespace):
+    """(MODEL, CLIP, base model name) for ``--toy`` or ``--checkpoint``; a checkpoint without a text
+    encoder is refused."""
+    if args.toy:
+        from toyworld.models import load_clip, load_unet
+
+        return load_unet(), load_clip(), "toyworld"
+    import comfy.sd
+
+    mp, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+    if clip is None:
+        raise SystemExit(f"{args.checkpoint}: no text encoder in the checkpoint; it is needed here")
+    return mp, clip, Path(args.checkpoint).name

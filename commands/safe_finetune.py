@@ -10,14 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_device_args, progress_bars, start
+from .common import add_device_args, add_model_args, load_model, progress_bars, start
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Unsupervised safe fine-tuning: an HED-scored LoRA.")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
-    src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
+    add_model_args(ap)
     ap.add_argument("--hgr", default=None, help="learned HGR file (default for --toy: the bundled toy HGR)")
     ap.add_argument("--prompts", default=None,
                     help="unlabelled prompt pool (.txt, one per line, or .json; only prompt strings are read; "
@@ -45,19 +43,14 @@ def main(argv=None) -> int:
     from safecfg_pack.safecfg.hgr_file import load_hgr
     from safecfg_pack.safecfg.prompts import PromptData
 
+    if args.checkpoint and (not args.prompts or (not args.hgr and not args.supervised)):
+        raise SystemExit("--prompts and --hgr are required with --checkpoint")
+    mp, clip, base = load_model(args)
     if args.toy:
-        from toyworld.models import load_clip, load_unet
-
-        mp, clip = load_unet(), load_clip()
         pool_path = Path(args.prompts or repo / "data" / "toyworld_pool.txt")
         labels_path = Path(args.labels or repo / "data" / "toyworld_pool_labels.json")
         hgr_path = args.hgr or repo / "weights" / "hgr" / "toyworld_hgr.safetensors"
     else:
-        import comfy.sd
-
-        mp, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
-        if not args.prompts or (not args.hgr and not args.supervised):
-            raise SystemExit("--prompts and --hgr are required with --checkpoint")
         pool_path, hgr_path = Path(args.prompts), args.hgr
         labels_path = Path(args.labels) if args.labels else pool_path
     prompts = unlabeled_prompts(pool_path)
@@ -83,7 +76,7 @@ def main(argv=None) -> int:
                            image_size=args.size, progress=progress_bars(),
                            state_dir=Path(args.state) if args.state else (
                                repo / ".toytrain" / (Path(args.out).stem + ".state") if args.toy else None),
-                           metadata={"base_model": "toyworld" if args.toy else Path(args.checkpoint).name})
+                           metadata={"base_model": base})
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

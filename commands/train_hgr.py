@@ -11,14 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_device_args, progress_bars, start
+from .common import add_device_args, add_model_args, load_model, progress_bars, start
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train a Harmful Guidance Redirector (HGR) for a model.")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--toy", action="store_true", help="the bundled toy-world model")
-    src.add_argument("--checkpoint", help="a checkpoint file with a text encoder (SD1.x/SDXL family)")
+    add_model_args(ap)
     ap.add_argument("--data", default=None, help="prompt-pair JSON (default: data/toyworld_hgr.json for --toy)")
     ap.add_argument("--out", required=True, help="the HGR .safetensors to write")
     ap.add_argument("--cache", default=None, help="teacher cache folder (default: next to --out)")
@@ -40,21 +38,10 @@ def main(argv=None) -> int:
     from safecfg_pack.safecfg.teacher_cache import CacheSpec, build_cache
     from safecfg_pack.safecfg.train import FitSpec, train_hgr
 
-    if args.toy:
-        from toyworld.models import load_clip, load_unet
-
-        mp, clip, base = load_unet(), load_clip(), "toyworld"
-        data_path = args.data or repo / "data" / "toyworld_hgr.json"
-    else:
-        import comfy.sd
-
-        mp, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
-        if clip is None:
-            raise SystemExit(f"{args.checkpoint}: no text encoder in the checkpoint; HGR training needs one")
-        base = Path(args.checkpoint).name
-        if not args.data:
-            raise SystemExit("--data is required with --checkpoint (see data/ for the format)")
-        data_path = args.data
+    if args.checkpoint and not args.data:
+        raise SystemExit("--data is required with --checkpoint (see data/ for the format)")
+    mp, clip, base = load_model(args)
+    data_path = args.data or repo / "data" / "toyworld_hgr.json"
     teacher = ComfyTeacher(mp, clip, width=args.size, height=args.size)
     data = PromptData.load(data_path)
     out = Path(args.out)
