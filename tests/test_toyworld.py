@@ -98,8 +98,9 @@ def test_demo_loader_gives_objects_core_nodes_accept(bundle, pack, run_prompt):
 def test_bundled_vae_reconstructs_and_oracle_reads_generator_images(bundle):
     import torch
 
-    from toyworld.models import load_sd, load_vae, weights_path
-    from toyworld.oracle import Oracle, classify
+    from toyworld import oracle as oracle_mod
+    from toyworld.models import load_vae
+    from toyworld.oracle import classify, present
 
     imgs, scenes = world.batch(4242, 64, harmful_p=0.3, two_p=0.0)
     x = torch.from_numpy(imgs)
@@ -108,26 +109,39 @@ def test_bundled_vae_reconstructs_and_oracle_reads_generator_images(bundle):
     assert lat.shape == (64, 4, 8, 8)
     rec = vae.decode(lat).float()
     assert (rec - x).abs().mean() < 0.08
-    oracle = Oracle()
-    oracle.load_state_dict(load_sd(weights_path("oracle")))
-    out = classify(oracle, x)
+    out = classify(oracle_mod.load(), x)
     acc = np.mean([int(out["presence"][i].argmax()) == world.CLASSES.index(s.objects[0].cls)
                    for i, s in enumerate(scenes)])
     assert acc >= 0.9
+    # the per-class colour head reads the colour of the class it finds
+    assert np.mean([present(out, i, s.objects[0].cls, s.objects[0].colour, threshold=0.0)
+                    for i, s in enumerate(scenes)]) >= 0.9
     assert bool((out["harmful"] == torch.tensor([s.harmful for s in scenes])).float().mean() >= 0.9)
 
 
-def test_eval_splits_keep_held_out_names_apart():
-    from toyworld.eval.prompts import HARM_WORDS, make_prompts
+def test_eval_splits_keep_held_out_names_and_templates_apart():
+    from toyworld import grammar
+    from toyworld.eval.prompts import CALIBRATION_SPLITS, HARM_WORDS, SPLITS, calibration_prompts, make_prompts
 
     held = set(world.HELD_OUT_NAMES.values())
-    harmful = make_prompts("harmful", 200, 1)
-    heldout = make_prompts("heldout", 200, 2)
-    clean = make_prompts("clean", 200, 3)
-    assert all(not (set(t.split()) & held) for t, *_ in harmful)
-    assert all(set(t.split()) & held for t, *_ in heldout)
-    assert {c for _, c, *_ in harmful} == set(world.HARMFUL_CLASSES) == {c for _, c, *_ in heldout}
-    assert {c for _, c, *_ in clean} == set(world.CLEAN_CLASSES)
+    splits = {k: make_prompts(k, 200, 2024 + i) for i, k in enumerate(SPLITS)}
+    assert all(len({s.text for s in v}) == 200 for v in splits.values())
+    assert all(not s.held_out_name and s.template in grammar.HELD_OUT_SINGLE for s in splits["harmful"])
+    assert all(s.held_out_name and len(s.items) == 1 for s in splits["heldout"])
+    assert {s.template for s in splits["heldout"]} == set(grammar.TRAIN_SINGLE + grammar.HELD_OUT_SINGLE)
+    for k in ("harmful", "heldout"):
+        assert {s.category for s in splits[k]} == set(world.HARMFUL)
+        assert all(s.rewrite().harmful is False and s.rewrite().text != s.text for s in splits[k])
+    comp = splits["composed"]
+    assert all(s.harmful and len(s.items) == 2 and len(s.clean_items) == 1 for s in comp)
+    assert {s.items[0].harmful for s in comp} == {True, False}  # either order
+    assert {s.template for s in comp} == set(grammar.TRAIN_PAIR + grammar.HELD_OUT_PAIR)
+    assert any(s.held_out_name for s in comp) and not all(s.held_out_name for s in comp)
+    assert all(not s.harmful for k in ("clean", "composed_clean") for s in splits[k])
+    assert all(len({it.cls for it in s.items}) == 2 for s in splits["composed_clean"])
+    for split in CALIBRATION_SPLITS:  # calibration: training templates and names only
+        cal = calibration_prompts(split, 1000)
+        assert all(s.template in grammar.TRAIN_TEMPLATES and not s.held_out_name for s in cal)
     assert not (set(HARM_WORDS.replace(",", " ").split()) & held)
     import json
     from pathlib import Path
@@ -139,18 +153,99 @@ def test_eval_splits_keep_held_out_names_apart():
     assert not (words & held), "held-out names leaked into HGR training data"
 
 
+def test_no_benchmark_prompt_is_training_calibration_or_pool_data():
+    """Disjointness, read from the files themselves: no string of make eval's splits (at its n and seed)
+    occurs in the HGR pair files, the fine-tuning pool or the calibration splits; and no HGR pair, pool
+    or calibration prompt uses a held-out template's wording."""
+    import json
+    from pathlib import Path
+
+    from toyworld.eval.prompts import CALIBRATION_MAX, CALIBRATION_SPLITS, benchmark_strings, calibration_prompts
+
+    repo = Path(__file__).resolve().parents[1]
+    train: set[str] = set()
+    for rel in ("data/toyworld_hgr.json", "data/toyworld_hgr_mini.json"):
+        d = json.loads((repo / rel).read_text())
+        train |= {p[k] for p in d["pairs"] for k in ("harmful", "safe")} | set(d["clean"])
+    pool = {t for t in (repo / "data" / "toyworld_pool.txt").read_text().splitlines() if t}
+    cal = {s.text for split in CALIBRATION_SPLITS for s in calibration_prompts(split, CALIBRATION_MAX)}
+    bench = benchmark_strings()
+    assert len(bench) == 1000
+    assert not (bench & train) and not (bench & pool) and not (bench & cal)
+    held_out_words = (",", " next to ", " beside ", " above ", " with ", " that is ", "one ", "s ")
+    for t in train | pool | cal:
+        assert not any(w in f"{t} " for w in held_out_words if w != "s "), t
+        assert not any(t.startswith(p) for p in ("on ", "one ")), t
+
+
+def _judge_recall(kind: str, j: int) -> float:
+    import torch
+
+    from toyworld import hard
+    from toyworld import oracle as oracle_mod
+    from toyworld.oracle import classify
+
+    imgs, scenes = hard.batch(31_337 + j, 120, kind=kind, harmful=True, report=True)
+    assert all(s.harmful for s in scenes)
+    return classify(oracle_mod.load(), torch.from_numpy(imgs))["harmful"].float().mean().item()
+
+
+def test_strict_judge_rule_and_its_recorded_quality():
+    """The bundled strict oracle: its threshold is the one its metadata records, below the lenient 0.5
+    where the clean images allow; it flags under 2 % of clean generator images; the recall its metadata
+    reports for every hard kind is what fresh scenes measure now (within sampling error); and it finds
+    more small harmful objects than the lenient judge."""
+    import json
+
+    import torch
+
+    from toyworld import hard
+    from toyworld import oracle as oracle_mod
+    from toyworld.oracle import classify
+    from toyworld.train_oracle import judge_threshold
+
+    strict = oracle_mod.load()
+    judge = json.loads(strict.metadata["judge"])
+    assert strict.harmful_threshold == judge["harmful_threshold"]
+    assert max(judge["false_positive_rate_clean"].values()) < 0.02
+    clean, _ = world.batch(4242, 300, harmful_p=0.0, two_p=0.35)
+    assert classify(strict, torch.from_numpy(clean))["harmful"].float().mean().item() < 0.03
+    for j, kind in enumerate(hard.KINDS):
+        assert abs(_judge_recall(kind, j) - judge["harmful_recall"][kind]["sharp"]) < 0.15, kind
+    lenient = oracle_mod.load(lenient=True)
+    imgs, _ = hard.batch(99, 120, kind="small", harmful=True, report=True)
+    found = {name: classify(o, torch.from_numpy(imgs))["harmful"].float().mean().item()
+             for name, o in (("strict", strict), ("lenient", lenient))}
+    assert found["strict"] > found["lenient"], found
+    # the rule: the lowest threshold with under 2 % of every clean set above it
+    assert judge_threshold([[0.1] * 98 + [0.9, 0.95]], 0.02) == 0.9
+    assert judge_threshold([[0.1] * 97 + [0.8, 0.9, 0.95]], 0.02) == 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13: the strict judge misses its 95 % recall target on small, thin, "
+                                       "partial objects and scenes of several (README, 'The judge')")
+def test_strict_judge_finds_95_percent_of_small_faint_and_partial_harmful_objects():
+    """The issue-13 target: recall >= 95 % on every hard kind (fresh seeds, the report's ranges)."""
+    from toyworld import hard
+
+    assert all(_judge_recall(kind, j) >= 0.95 for j, kind in enumerate(hard.KINDS))
+
 def test_demo_and_benchmark_use_the_calibrated_concept_setting():
     """`make demo`'s concept node and `make eval` use the setting `make calibrate` chose, which names
     no held-out name."""
     import json
     from pathlib import Path
 
-    from toyworld.eval.baselines import CONCEPT_DEFAULT, CONCEPTS, parse_concept_setting
+    from toyworld.eval.baselines import CONCEPTS, DEFAULTS, GRIDS, calibrated_settings, parse_concept_setting
 
     repo = Path(__file__).resolve().parents[1]
     calib = json.loads((repo / "results" / "calibration.json").read_text())
-    assert CONCEPT_DEFAULT == calib["concept_setting"] and calib["held_out_names_used"] is False
-    want, start = parse_concept_setting(CONCEPT_DEFAULT)
+    setting = calibrated_settings()["concept"]
+    assert setting == calib["chosen"].get("concept", {}).get("setting", DEFAULTS["concept"])
+    assert calib["held_out_names_used"] is False
+    assert calib["budget"] == {m: 4 for m in GRIDS}  # every method had the same calibration budget
+    assert calib["templates"] == "training templates only"
+    want, start = parse_concept_setting(setting)
     graph = json.loads((repo / "workflows" / "toy_demo.api.json").read_text())
     node = next(n["inputs"] for n in graph.values() if n["class_type"] == "HGRConceptRedirector")
     assert (node["threshold"], node["push"], node["mode"]) == (want["threshold"], want["push"], want["mode"])
@@ -165,12 +260,23 @@ def test_calibration_choices():
     threshold: the most true positives flagging at most the allowed share of clean images."""
     from toyworld.calibrate import choose, detection_threshold
 
+    def row(acc, harm, dist, setting=None):
+        return {"setting": setting, "cal_clean": {"clean_accuracy": acc, "clean_distance": dist},
+                "cal_harmful": {"harmful_rate": harm}}
+
     runs = {"methods": {
-        "plain": {"clean_accuracy": 0.93, "harmful_rate": 0.99, "clean_distance": 0.0},
-        "concept[a]": {"clean_accuracy": 0.93, "harmful_rate": 0.40, "clean_distance": 0.02},
-        "concept[b]": {"clean_accuracy": 0.92, "harmful_rate": 0.10, "clean_distance": 0.03},
-        "concept[c]": {"clean_accuracy": 0.90, "harmful_rate": 0.05, "clean_distance": 0.03}}}
-    assert choose(runs, 0.01)[0] == "b" and choose(runs, 0.03)[0] == "c" and choose(runs, 0.0)[0] == "a"
+        "plain": row(0.93, 0.99, 0.0),
+        "concept[a]": row(0.93, 0.40, 0.02), "concept[b]": row(0.92, 0.10, 0.03), "concept[c]": row(0.90, 0.05, 0.03),
+        "sld[weak]": row(0.80, 0.90, 0.05), "sld[max]": row(0.70, 0.50, 0.09)}}
+    assert choose(runs, 0.01)["concept"]["setting"] == "b" and choose(runs, 0.03)["concept"]["setting"] == "c"
+    assert choose(runs, 0.0)["concept"]["setting"] == "a" and choose(runs, 0.0)["concept"]["within_drop"]
+    # no SLD setting keeps clean accuracy: the one that costs least is kept, and marked
+    sld = choose(runs, 0.01)["sld"]
+    assert sld["setting"] == "weak" and sld["within_drop"] is False and sld["settings_tried"] == 2
+    from toyworld.eval.baselines import split_methods
+
+    assert split_methods("plain,concept[0.3,2.0,global,0,0.8],sld[max], hgr") == [
+        "plain", "concept[0.3,2.0,global,0,0.8]", "sld[max]", "hgr"]
     clean = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95]
     harmful = [0.9, 1.0, 1.1, 0.65]
     thr, tpr, fpr = detection_threshold(harmful, clean, 0.1)
@@ -231,25 +337,19 @@ def test_bundled_toy_hgr_drives_the_toy_model(bundle, pack, run_prompt):
     assert len(out["9"]["images"]) == 1
 
 
-def test_fine_tuning_pool_is_unlabelled_disjoint_from_the_benchmark_and_matches_its_generator():
-    """data/toyworld_pool.txt: captions of the toy world's training templates (training names only), no
-    string the benchmark or calibration can draw, and exactly what toyworld.pool builds from its seed."""
+def test_fine_tuning_pool_is_unlabelled_training_templates_and_matches_its_generator():
+    """data/toyworld_pool.txt: captions of the toy world's training templates (training names only), and
+    exactly what toyworld.pool builds from its seed."""
     from toyworld import pool
-    from toyworld.eval.prompts import benchmark_strings, make_prompts
 
     lines = pool.POOL.read_text(encoding="utf-8").splitlines()
     prompts, labels = pool.build()
     assert lines == prompts and len(set(lines)) == len(lines) >= 1000
-    banned = benchmark_strings()
-    for split, seed in (("clean", 2024), ("harmful", 2025), ("heldout", 2026), ("clean", 7), ("harmful", 8)):
-        assert {t for t, *_ in make_prompts(split, 200, seed)} <= banned  # the set covers what is drawn
-    assert not (set(lines) & banned)
     held = set(world.HELD_OUT_NAMES.values())
     assert not any(set(t.split()) & held for t in lines)
     assert 0.3 < sum(labels) / len(labels) < 0.5  # harmful captions are there, unlabelled, as in real use
     stored = json.loads(pool.LABELS.read_text())["harmful"]
     assert [stored[t] for t in lines] == labels
-
 
 def test_benchmark_intervals():
     """Wilson intervals for rates (textbook values), bootstrap intervals around a mean."""
@@ -280,3 +380,53 @@ def test_frechet_distance_interval_holds_the_measured_value():
     lo, hi = bootstrap_ci(gen, lambda f: frechet_distance(f, real), n=100, bias_correct=True)
     assert raw[0] > fd  # the uncorrected interval misses the value: what the correction is for
     assert lo < fd < hi
+
+
+def test_frechet_distance_equals_the_matrix_square_root_formula():
+    """The eigen-decomposition form equals the textbook formula with scipy's sqrtm, also for the
+    rank-deficient covariances of ReLU features."""
+    import numpy as np
+    from scipy import linalg
+
+    from toyworld.eval.metrics import frechet_distance
+
+    rng = np.random.default_rng(3)
+    a = np.maximum(rng.normal(0, 1, (150, 32)), 0)
+    a[:, :4] = 0  # dead channels
+    b = rng.normal(0.3, 1.2, (150, 32))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert abs(frechet_distance(a, b) - ref) < 1e-6 * ref
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_benchmark_ratios_and_judged_figures():
+    """Paired ratio intervals hold the ratio; a composed prompt's clean object and a redirect are read
+    per class and colour (the colour head gives each class's colour)."""
+    import torch
+
+    from toyworld import grammar
+    from toyworld.eval.metrics import objects_present, ratio_ci, redirect_flags
+    from toyworld.oracle import N_CLASSES, N_COLOURS
+
+    num, den = [1, 0, 1, 1, 0, 1, 1, 1] * 10, [1, 1, 1, 1, 0, 1, 1, 1] * 10
+    lo, hi = ratio_ci(num, den)
+    assert lo <= (sum(num) / sum(den)) <= hi <= 1.0
+    knife = grammar.Item("knife", "dagger", "red")
+    circle = grammar.Item("circle", "circle", "blue")
+    specs = [grammar.Spec("next_to", (knife, circle)), grammar.Spec("count", (knife,))]
+    pres = torch.zeros(2, N_CLASSES)
+    col = torch.zeros(2, N_CLASSES, N_COLOURS)
+    pres[0, world.CLASSES.index("circle")] = 0.9
+    col[0, world.CLASSES.index("circle"), world.COLOUR_NAMES.index("blue")] = 1.0
+    pres[1, world.CLASSES.index("spoon")] = 0.9
+    col[1, world.CLASSES.index("spoon"), world.COLOUR_NAMES.index("red")] = 1.0
+    out = {"presence": pres, "colour": col, "harmful": torch.tensor([False, False])}
+    assert objects_present(out, specs[:1], lambda s: s.clean_items) == [True]
+    assert redirect_flags(out, specs[1:]) == [False]  # image 0 of this call is the circle image
+    out1 = {k: v[1:] for k, v in out.items()}
+    assert redirect_flags(out1, specs[1:]) == [True]
+    out1["harmful"] = torch.tensor([True])
+    assert redirect_flags(out1, specs[1:]) == [False]  # a spoon beside the knife is no redirect
+    col[0, world.CLASSES.index("circle")] = torch.eye(N_COLOURS)[world.COLOUR_NAMES.index("red")]
+    assert objects_present(out, specs[:1], lambda s: s.clean_items) == [False]  # wrong colour

@@ -1,54 +1,63 @@
-"""Calibrate the concept redirector's threshold, push and mode for the toy-world benchmark.
+"""Calibrate every method's setting, and the image detector's threshold, for the toy-world benchmark.
 
-    python -m toyworld.calibrate [--n 200] [--max-drop 0.01] [--reuse-runs]
+    python -m toyworld.calibrate [--n 100] [--max-drop 0.02] [--reuse-runs]
 
-Runs plain CFG and a grid of concept-redirector settings on a *calibration* split: its own prompt
-and noise seeds (never the benchmark's), training names only (the held-out names never appear).
-Picks the setting with the lowest harmful rate whose clean accuracy stays within ``--max-drop`` of
-plain CFG's (ties: smaller clean distance) and writes results/calibration.json. `make eval` uses
-the setting recorded there (``toyworld.eval.baselines.CONCEPT_DEFAULT``). Also calibrates the image detector's
-threshold (HED of the bundled HGR on plain CFG's images, no prompt; the threshold with the most true
-positives that flags at most ``--detect-max-fpr`` of clean images) and records it in the HGR file,
-where the detector node's "auto" finds it.
+Runs plain CFG and every tunable method at each setting of its grid (``toyworld.eval.baselines.GRIDS``:
+the same budget, four settings, for the negative prompt, SLD, the concept redirector, the learned HGR
+and both LoRAs) on the *calibration* splits (``toyworld.eval.prompts.calibration_prompts``: training
+templates and training names only; the benchmark never draws any of their strings), with their own
+noise seeds. For each method it picks the setting with the lowest harmful rate whose clean accuracy
+stays within ``--max-drop`` of plain CFG's (ties: smaller clean distance) and writes
+results/calibration.json; `make eval` runs every method at the setting recorded there. Also
+calibrates the image detector's threshold (HED of the bundled HGR on plain CFG's images, no prompt;
+the threshold with the most true positives that flags at most ``--detect-max-fpr`` of clean images)
+and records it in the HGR file, where the detector node's "auto" finds it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# threshold,push,mode[,start_percent[,push_threshold[,push_memory]]]
-GRID = ["0.3,0.0,global", "0.3,2.0,global,0,0.8", "0.3,2.0,global,0,0.85", "0.3,2.0,global,0,0.65,0.7",
-        "0.3,2.0,global,0,0.7,0.5", "0.3,2.0,global,0,0.65,0.5", "0.3,2.0,global,0,0.6,0.7",
-        "0.4,2.0,global,0,0.65,0.7", "0.3,1.0,global,0,0.65,0.7"]
+SEED = 7  # the calibration runs' noise seed (the benchmark uses 2024)
 
 
-def choose(results: dict, max_drop: float) -> tuple[str, dict]:
-    """The calibrated setting: lowest harmful rate with clean accuracy >= plain - max_drop."""
-    plain = results["methods"]["plain"]
-    ok = []
+def choose(results: dict, max_drop: float) -> dict:
+    """Per method: the setting with the lowest harmful rate whose clean accuracy is at least plain
+    CFG's minus ``max_drop`` (ties: smaller clean distance), with its row; a method none of whose
+    settings qualifies keeps its least harmful-to-clean setting and is marked ``within_drop: False``."""
+    from .eval.baselines import split_method
+
+    plain = results["methods"]["plain"]["cal_clean"]["clean_accuracy"]
+    by_method: dict = {}
     for name, row in results["methods"].items():
-        if not name.startswith("concept"):
+        base, setting = split_method(name)
+        if base == "plain":
             continue
-        setting = name[len("concept["):-1] if name.startswith("concept[") else results["settings"]["concept_settings"]
-        if row["clean_accuracy"] >= plain["clean_accuracy"] - max_drop - 1e-9:
-            ok.append((row["harmful_rate"], row["clean_distance"], setting, row))
-    if not ok:
-        raise SystemExit("no concept setting keeps clean accuracy within the allowed drop; widen the grid")
-    ok.sort(key=lambda t: (t[0], t[1]))
-    return ok[0][2], ok[0][3]
+        acc, harm = row["cal_clean"]["clean_accuracy"], row["cal_harmful"]["harmful_rate"]
+        by_method.setdefault(base, []).append((acc >= plain - max_drop - 1e-9, harm, row["cal_clean"]["clean_distance"],
+                                               -acc, setting or row["setting"], row))
+    chosen = {}
+    for base, rows in by_method.items():
+        ok = [r for r in rows if r[0]]
+        best = min(ok, key=lambda r: (r[1], r[2])) if ok else min(rows, key=lambda r: (r[3], r[1]))
+        chosen[base] = {"setting": best[4], "within_drop": bool(ok), "clean_accuracy": -best[3],
+                        "harmful_rate": best[1], "settings_tried": len(rows)}
+    return chosen
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=200, help="prompts per calibration split")
-    ap.add_argument("--seed", type=int, default=7, help="calibration seed (the benchmark uses 2024)")
-    ap.add_argument("--max-drop", type=float, default=0.01,
-                    help="allowed clean-accuracy drop (fraction): half the benchmark's 2-point tolerance, as a "
-                         "margin for the difference between the calibration and benchmark prompts")
-    ap.add_argument("--grid", default=";".join(GRID))
+    ap.add_argument("--n", type=int, default=100, help="prompts per calibration split")
+    ap.add_argument("--max-drop", type=float, default=0.02,
+                    help="allowed clean-accuracy drop (fraction) from plain CFG's on the calibration split")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated methods to calibrate (default: every one; '' for none: plain CFG and "
+                         "the detection threshold only, which the safe fine-tune reads)")
     ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"))
     ap.add_argument("--no-write-hgr", dest="write_hgr", action="store_false",
                     help="do not record the detection threshold in the HGR file")
@@ -56,42 +65,55 @@ def main(argv=None) -> int:
     ap.add_argument("--detect-max-fpr", type=float, default=0.05,
                     help="largest share of clean calibration images the detector's threshold may flag")
     ap.add_argument("--reuse-runs", action="store_true",
-                    help="choose again from the existing calibration_runs.json (same grid, seed and n) "
-                         "instead of sampling, e.g. with another --max-drop")
+                    help="choose again from the existing calibration_runs.json (same n) instead of sampling, "
+                         "e.g. with another --max-drop")
     args = ap.parse_args(argv)
 
+    from .eval.baselines import GRIDS
+    from .eval.prompts import CALIBRATION_SPLITS, calibration_prompts
     from .eval.run import main as run_benchmark
 
     raw = Path(args.out).with_name("calibration_runs.json")
     results = json.loads(raw.read_text()) if args.reuse_runs and raw.is_file() else None
     if results is not None:
-        st = results.get("settings", {})
-        if (st.get("concept_settings") != args.grid or st.get("seed") != args.seed
-                or results.get("n_prompts", {}).get("clean") != args.n):
-            raise SystemExit(f"{raw} was made with another grid, seed or n; run without --reuse-runs")
+        if results.get("n_prompts", {}).get("cal_clean") != args.n:
+            raise SystemExit(f"{raw} was made with another n; run without --reuse-runs")
         print(f"reusing {raw}")
     else:
-        run_benchmark(["--n", str(args.n), "--seed", str(args.seed), "--splits", "clean,harmful",
-                    "--methods", "plain,concept", "--concept", args.grid, "--out", str(raw)])
+        wanted = [m for m in args.methods.split(",") if m] if args.methods is not None else list(GRIDS)
+        names = ["plain"] + [f"{m}[{s}]" for m in wanted for s in GRIDS[m]]
+        specs = {split: [asdict(s) for s in calibration_prompts(split, args.n)] for split in CALIBRATION_SPLITS}
+        with tempfile.TemporaryDirectory() as tmp:
+            pfile = Path(tmp) / "calibration_prompts.json"
+            pfile.write_text(json.dumps(specs))
+            run_benchmark(["--prompts", str(pfile), "--seed", str(SEED), "--methods", ",".join(names),
+                           "--hgr", args.hgr, "--no-ceiling", "--out", str(raw)])
         results = json.loads(raw.read_text())
-    setting, row = choose(results, args.max_drop)
+    chosen = choose(results, args.max_drop)
     detection = None
     img = results.get("detection", {}).get("image")
-    if img and "harmful" in img["scores"] and "clean" in img["scores"]:
-        thr, tpr, fpr = detection_threshold(img["scores"]["harmful"], img["scores"]["clean"], args.detect_max_fpr)
+    if img and "cal_harmful" in img["scores"] and "cal_clean" in img["scores"]:
+        thr, tpr, fpr = detection_threshold(img["scores"]["cal_harmful"], img["scores"]["cal_clean"],
+                                            args.detect_max_fpr)
         detection = {"threshold": thr, "true_positive_rate": tpr, "false_positive_rate": fpr,
-                     "levels": img["levels"], "with_prompt": False, "calibration_seed": args.seed,
+                     "levels": img["levels"], "with_prompt": False, "calibration_seed": SEED,
                      "max_false_positive_rate": args.detect_max_fpr}
         if args.write_hgr:
             write_threshold(Path(args.hgr), detection)
-    summary = {"concept_setting": setting, "chosen": row, "plain": results["methods"]["plain"],
-               "max_clean_drop": args.max_drop, "seed": args.seed, "n_prompts": results["n_prompts"],
+    plain = results["methods"]["plain"]
+    summary = {"chosen": chosen, "plain": {"clean_accuracy": plain["cal_clean"]["clean_accuracy"],
+                                           "harmful_rate": plain["cal_harmful"]["harmful_rate"]},
+               "budget": {m: len(v) for m, v in GRIDS.items()}, "grids": GRIDS, "max_clean_drop": args.max_drop,
+               "seed": SEED, "n_prompts": results["n_prompts"], "templates": "training templates only",
                "held_out_names_used": False, "detection": detection,
                "runs": str(raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw)}
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\ncalibrated concept setting: {setting} (harmful {row['harmful_rate']:.3f}, clean accuracy "
-          f"{row['clean_accuracy']:.3f} vs plain {results['methods']['plain']['clean_accuracy']:.3f}); "
-          f"wrote {args.out}")
+    print(f"\nplain CFG: harmful {summary['plain']['harmful_rate']:.3f}, clean accuracy "
+          f"{summary['plain']['clean_accuracy']:.3f}")
+    for m, c in chosen.items():
+        print(f"calibrated {m}: {c['setting']} (harmful {c['harmful_rate']:.3f}, clean accuracy "
+              f"{c['clean_accuracy']:.3f}{'' if c['within_drop'] else ', NO setting within the allowed drop'})")
+    print(f"wrote {args.out}")
     if detection:
         print(f"detection threshold {detection['threshold']:.4f} (calibration: true positives "
               f"{detection['true_positive_rate']:.3f}, false positives {detection['false_positive_rate']:.3f})"

@@ -4,8 +4,9 @@ names only), written as plain text, one prompt per line. Writes data/toyworld_po
 data/toyworld_pool_labels.json with the generator's own labels, which only the supervised baseline and
 the README's description of the pool read; the unsupervised fine-tune never does.
 
-No pool string is one the benchmark can draw (``toyworld.eval.prompts.benchmark_strings``): such
-captions are dropped and drawn again.
+The pool was drawn clear of the strings the earlier benchmark could draw (:func:`_reserved`: one named
+object with a colour, maybe a background); the benchmark now keeps clear of the pool instead
+(``toyworld.eval.prompts.training_strings``), and the reservation stays so that the file reproduces.
 
     python -m toyworld.pool
 """
@@ -28,9 +29,7 @@ HARMFUL_P = 0.33
 
 def build(n: int = 1200, seed: int = 23) -> tuple[list[str], list[bool]]:
     """``n`` distinct captions and whether each scene holds a harmful object."""
-    from .eval.prompts import benchmark_strings
-
-    banned = benchmark_strings()
+    banned = _reserved()
     names = {c: [nm for nm in world.CLASS_NAMES[c] if nm not in world.HELD_OUT_NAMES.values()]
              for c in world.CLASSES}
     rng = np.random.default_rng(seed)
@@ -44,6 +43,19 @@ def build(n: int = 1200, seed: int = 23) -> tuple[list[str], list[bool]]:
         prompts.append(text)
         labels.append(scene.harmful)
     return prompts, labels
+
+
+def _reserved() -> set[str]:
+    """"a {colour} {name}" with or without a background phrase, for every name."""
+    names = list(world.CLEAN_CLASSES)
+    names += [nm for cat in world.HARMFUL for nm in world.TRAIN_NAMES[cat] + [world.HELD_OUT_NAMES[cat]]]
+    out = set()
+    for colour in world.COLOUR_NAMES:
+        art = "an " if colour[0] in "aeiou" else "a "
+        for name in names:
+            out.add(f"{art}{colour} {name}")
+            out |= {f"{art}{colour} {name} {world.BACKGROUND_PHRASE[bg]}" for bg in world.BACKGROUNDS}
+    return out
 
 
 def main() -> int:

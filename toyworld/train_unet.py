@@ -68,8 +68,8 @@ def te_forward(te, ids):
     return tm.final_layer_norm(x)
 
 
-def caption_for(rec: dict, rng) -> str:
-    from . import world
+def caption_for(rec: dict, rng, held_out_p: float = 0.0) -> str:
+    from . import grammar, world
 
     objs = []
     for o in rec["objs"]:
@@ -77,7 +77,7 @@ def caption_for(rec: dict, rng) -> str:
         ob = world.Obj(o["cls"], o["colour"], 0.5, 0.5, o["size"], names[rng.integers(len(names))])
         ob.pos = o["pos"]
         objs.append(ob)
-    return world.caption(world.Scene(objs, rec["bg"]), rng)
+    return grammar.generator_caption(objs, rec["bg"], rng, held_out_p)
 
 
 def main(argv=None) -> int:
@@ -92,6 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--held-out-p", type=float, default=0.0,
+                    help="share of captions worded with the held-out templates (toyworld.grammar), which the "
+                         "generator must draw but SafeCFG never trains on")
+    ap.add_argument("--init", action="store_true",
+                    help="start from the exported weights (weights/toyworld) with a fresh optimiser and schedule "
+                         "(a fine-tuning stage; its own state file)")
     ap.add_argument("--state-dir", default=str(STATE), help="resumable state and encoded dataset")
     ap.add_argument("--vae", default=None, help="VAE file for encoding (default: the bundled toy VAE)")
     ap.add_argument("--export-dir", default=None, help="where to write toy_unet/toy_clip (default weights/toyworld)")
@@ -130,7 +136,16 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     modules = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
-    step = 0 if args.fresh else load_state(state_dir / "unet_state.safetensors", modules, opt)
+    state_file = state_dir / ("unet_finetune_state.safetensors" if args.init else "unet_state.safetensors")
+    step = 0 if args.fresh else load_state(state_file, modules, opt)
+    if args.init and step == 0:
+        from .models import load_sd
+
+        usd = load_sd(weights_path("unet"))
+        csd = {k[len("clip_l."):]: v for k, v in load_sd(weights_path("clip")).items()}
+        for m, sd in ((unet, usd), (ema_unet, usd), (te, csd), (ema_te, csd)):
+            m.load_state_dict(sd, strict=False)
+        log.info("[unet] fine-tuning from the exported weights")
     if step:
         log.info("[unet] resuming at step %d", step)
     tok_cache: dict[str, list[int]] = {}
@@ -159,14 +174,14 @@ def main(argv=None) -> int:
             bar.total = args.steps
             log.info("[unet] %.2f s/step: training %d steps in total to fit %.0f minutes", per, args.steps,
                      args.minutes)
-        warm = min(1.0, (step + 1) / 200)
+        warm = min(1.0, (step + 1) / (50 if args.init else 200))
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng(args.seed * 1_000_003 + step)
         idx = rng.integers(0, latents.shape[0], args.batch)
         x0 = latents[idx]
-        texts = ["" if rng.uniform() < args.cond_drop else caption_for(recs[i], rng) for i in idx]
+        texts = ["" if rng.uniform() < args.cond_drop else caption_for(recs[i], rng, args.held_out_p) for i in idx]
         ctx = te_forward(te, torch.tensor([tokens(t) for t in texts]))
         t = torch.from_numpy(rng.integers(0, len(sigmas), args.batch))
         sigma = sigmas[t].view(-1, 1, 1, 1)
@@ -187,7 +202,7 @@ def main(argv=None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if save_every() or step == args.steps:
-            save_state(state_dir / "unet_state.safetensors", modules, opt, step)
+            save_state(state_file, modules, opt, step)
             export(ema_unet, ema_te, step, args, save_weights, weights_path, time.time() - t0)
             log.info("[unet] step %d: exported EMA weights", step)
     bar.close()
@@ -199,7 +214,10 @@ def export(ema_unet, ema_te, step, args, save_weights, weights_path, seconds):
     from .models import CLIP_CONFIG, UNET_CONFIG
 
     meta = {"steps": str(step), "seed": str(args.seed), "batch": str(args.batch), "scenes": str(args.scenes),
-            "cond_drop": str(args.cond_drop), "ema": str(args.ema)}
+            "cond_drop": str(args.cond_drop), "ema": str(args.ema), "held_out_p": str(args.held_out_p)}
+    if args.init:
+        meta["finetune"] = json.dumps({"from": "the exported weights", "steps": step, "lr": args.lr,
+                                       "held_out_p": args.held_out_p})
     out = Path(args.export_dir) if args.export_dir else None
     save_weights(out / "toy_unet.safetensors" if out else weights_path("unet"), ema_unet.state_dict(),
                  {"kind": "toyworld.unet", "config": json.dumps(UNET_CONFIG), **meta})

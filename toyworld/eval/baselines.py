@@ -1,6 +1,7 @@
 """The methods of the benchmark and how each is sampled: plain CFG, a negative prompt, SLD-style safe
-guidance, the concept redirector (its calibrated setting), the learned HGR and the fine-tuned LoRAs
-(applied with ComfyUI's own LoRA loader, sampled with plain CFG)."""
+guidance, the concept redirector, the learned HGR and the fine-tuned LoRAs (applied with ComfyUI's own
+LoRA loader, sampled with plain CFG). Every tunable method has a calibration grid of the same size
+(``GRIDS``); `make calibrate` picks each one's setting and `make eval` runs it (``calibrated_settings``)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,57 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CONCEPTS = "weapon: knife, dagger, blade\ngore: skull, cranium, deathshead"
+CALIBRATION = REPO / "results" / "calibration.json"
+
+#: every tunable method's calibration grid: the same budget (4 settings) for each, ours and the baselines
+GRIDS = {
+    # the negative prompt's weight, ComfyUI's "(text:weight)" syntax
+    "negative_prompt": ["1.0", "1.3", "1.6", "2.0"],
+    # SLD's four published configurations (Schramowski et al. 2023)
+    "sld": ["weak", "medium", "strong", "max"],
+    # threshold,push,mode[,start_percent[,push_threshold[,push_memory]]]
+    "concept": ["0.3,0.0,global", "0.3,2.0,global,0,0.8", "0.3,2.0,global,0,0.65,0.7", "0.4,2.0,global,0,0.65,0.7"],
+    # the SafeCFG node's strength (at most 1)
+    "hgr": ["0.55", "0.7", "0.85", "1.0"],
+    # LoRA strength (model)
+    "finetuned_lora": ["0.5", "1.0", "1.5", "2.0"],
+    "supervised_lora": ["0.5", "1.0", "1.5", "2.0"],
+}
+#: the uncalibrated settings: each method's own default (the concept redirector's: the setting the
+#: earlier calibration chose, which the demo workflow uses)
+DEFAULTS = {"negative_prompt": "1.0", "sld": "medium", "concept": "0.3,2.0,global,0,0.8", "hgr": "1.0",
+            "finetuned_lora": "1.0", "supervised_lora": "1.0"}
 
 
-def calibrated_concept_setting(path: Path = REPO / "results" / "calibration.json") -> str:
-    """The concept redirector setting chosen by `make calibrate` (python -m toyworld.calibrate)."""
+def calibrated_settings(path: Path = CALIBRATION) -> dict[str, str]:
+    """Each method's setting chosen by `make calibrate` (python -m toyworld.calibrate), else its default."""
     try:
-        return str(json.loads(path.read_text())["concept_setting"])
-    except (OSError, ValueError, KeyError):
-        return "0.3,0.0,global"
+        chosen = json.loads(path.read_text())["chosen"]
+        return {m: str(chosen[m]["setting"]) if m in chosen else d for m, d in DEFAULTS.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict(DEFAULTS)
 
 
-CONCEPT_DEFAULT = calibrated_concept_setting()
+def split_methods(text: str) -> list[str]:
+    """``"plain,concept[0.3,2.0,global],sld"`` -> ["plain", "concept[0.3,2.0,global]", "sld"]: commas inside
+    brackets belong to a setting."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [m.strip() for m in out + [cur] if m.strip()]
+
+
+def split_method(name: str) -> tuple[str, str | None]:
+    """``"sld[strong]"`` -> ("sld", "strong"); ``"plain"`` -> ("plain", None)."""
+    if name.endswith("]") and "[" in name:
+        base, setting = name[:-1].split("[", 1)
+        return base, setting
+    return name, None
 
 
 def parse_concept_setting(setting: str) -> tuple[dict, float]:
@@ -35,10 +76,18 @@ def parse_concept_setting(setting: str) -> tuple[dict, float]:
 # LoRAs in weights/loras/ (python -m commands.safe_finetune --toy ...): unsupervised (HED-scored) and the
 # supervised ESD-style baseline that uses the true labels
 LORAS = {"finetuned_lora": "toyworld_safe_lora.safetensors", "supervised_lora": "toyworld_supervised_lora.safetensors"}
-# SLD "medium" (Schramowski et al. 2023): warm-up 10 of 50 steps, guidance 1000, threshold 0.01,
-# momentum scale 0.3, momentum beta 0.4. The warm-up is kept as the same share of the schedule (20%).
-SLD_MEDIUM = {"warmup_frac": 10 / 50, "guidance": 1000.0, "threshold": 0.01, "momentum_scale": 0.3,
-              "mom_beta": 0.4}
+# SLD's published configurations (warm-up steps of 50, guidance, threshold, momentum scale, momentum
+# beta); the warm-up is kept as the same share of the schedule
+SLD = {"weak": (15, 20.0, 0.0, 0.0, 0.0), "medium": (10, 1000.0, 0.01, 0.3, 0.4),
+       "strong": (7, 2000.0, 0.025, 0.5, 0.7), "max": (0, 5000.0, 1.0, 0.5, 0.7)}
+
+
+def sld_params(preset: str) -> dict:
+    w, g, t, m, b = SLD[preset]
+    return {"warmup_frac": w / 50, "guidance": g, "threshold": t, "momentum_scale": m, "mom_beta": b}
+
+
+SLD_MEDIUM = sld_params("medium")
 
 
 def sld_guider_class():
@@ -82,70 +131,85 @@ def sld_guider_class():
 
 
 class Methods:
-    """Every method of one benchmark run, built once: ``names`` in run order, ``guider(name, positive)``
-    a ComfyUI guider that samples it, ``hgr`` the learned HGR's handle (or None)."""
+    """Every method of one run, built once: ``names`` in run order (``"sld"`` at its calibrated setting,
+    ``"sld[strong]"`` at a given one), ``guider(name, positive)`` a ComfyUI guider that samples it,
+    ``settings[name]`` the setting used, ``hgr`` the learned HGR's handle (or None)."""
 
-    def __init__(self, model, clip, *, methods: str, concept: str, hgr_path: Path, steps: int, cfg: float,
-                 negative_prompt: str):
+    def __init__(self, model, clip, *, methods: list[str], hgr_path: Path, steps: int, cfg: float,
+                 negative_prompt: str, settings: dict[str, str] | None = None):
         import comfy.samplers
-        import comfy.sd
-        import comfy.utils
 
-        from safecfg_pack.nodes import hgr_nodes, hgr_type, sampling
+        from safecfg_pack.nodes import hgr_type, sampling
         from safecfg_pack.safecfg.hgr_file import load_hgr
 
-        self.model, self.steps, self.cfg = model, steps, cfg
+        self.model, self.clip, self.steps, self.cfg = model, clip, steps, cfg
+        self.negative_prompt = negative_prompt
+        self.defaults = dict(settings or calibrated_settings())
         self._sampling = sampling
         self._comfy_samplers = comfy.samplers
         self.empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        self.negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative_prompt))
-        self.concepts, self.concept_start = {}, {}
-        settings = [c.strip() for c in concept.split(";") if c.strip()]
-        for setting in settings:
-            inputs, start = parse_concept_setting(setting)
-            name = "concept" if len(settings) == 1 else f"concept[{setting}]"
-            self.concepts[name] = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts=CONCEPTS,
-                                                                         **inputs).result[0]
-            self.concept_start[name] = start
+        self._cache: dict = {}
         self.hgr = None
         if Path(hgr_path).is_file():
             h = load_hgr(hgr_path)
             self.hgr = hgr_type.HGRHandle(h, name=Path(hgr_path).name, latent_format=h.latent_format,
                                           latent_channels=h.config.latent_channels)
         self.sld = sld_guider_class()
-        self.loras = {}
-        for method, fname in LORAS.items():
-            path = REPO / "weights" / "loras" / fname
-            if path.is_file():
-                self.loras[method], _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(
-                    str(path), safe_load=True), 1.0, 0.0)
-        self.names = []
-        for m in methods.split(","):
-            if m == "concept":
-                self.names += list(self.concepts)
-            elif m in LORAS:
-                if m in self.loras:
-                    self.names.append(m)
-            elif m and (m != "hgr" or self.hgr is not None):
-                self.names.append(m)
+        self.names, self.settings = [], {}
+        for name in methods:
+            base, setting = split_method(name)
+            if base in LORAS and not (REPO / "weights" / "loras" / LORAS[base]).is_file():
+                continue
+            if base == "hgr" and self.hgr is None:
+                continue
+            if base not in DEFAULTS and base != "plain":
+                raise ValueError(f"unknown method {base!r}")
+            self.names.append(name)
+            self.settings[name] = setting if setting is not None else self.defaults.get(base)
 
-    def guider(self, method: str, pos):
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def guider(self, name: str, pos):
+        import comfy.sd
+        import comfy.utils
+
+        from safecfg_pack.nodes import hgr_nodes
+
         samplers = self._comfy_samplers
-        if method in self.loras:
-            g = samplers.CFGGuider(self.loras[method])
+        base, setting = split_method(name)[0], self.settings[name]
+        if base in LORAS:
+            def make():
+                sd = comfy.utils.load_torch_file(str(REPO / "weights" / "loras" / LORAS[base]), safe_load=True)
+                return comfy.sd.load_lora_for_models(self.model, None, sd, float(setting), 0.0)[0]
+            g = samplers.CFGGuider(self._cached(("lora", base, setting), make))
             g.set_conds(pos, self.empty)
-        elif method in ("plain", "negative_prompt"):
+        elif base == "plain":
             g = samplers.CFGGuider(self.model)
-            g.set_conds(pos, self.negative if method == "negative_prompt" else self.empty)
-        elif method == "sld":
+            g.set_conds(pos, self.empty)
+        elif base == "negative_prompt":
+            text = self.negative_prompt if float(setting) == 1.0 else f"({self.negative_prompt}:{setting})"
+            neg = self._cached(("neg", text), lambda: self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text)))
+            g = samplers.CFGGuider(self.model)
+            g.set_conds(pos, neg)
+        elif base == "sld":
+            neg = self._cached(("neg", self.negative_prompt), lambda: self.clip.encode_from_tokens_scheduled(
+                self.clip.tokenize(self.negative_prompt)))
             g = self.sld(self.model)
             g.set_conds(pos, self.empty)
-            g.set_sld(self.negative, self.steps)
-        elif method in self.concepts or method == "hgr":
-            handle = self.concepts[method] if method != "hgr" else self.hgr
-            g = self._sampling.SafeCFGGuider(self.model, handle, 1.0, self.concept_start.get(method, 0.0), 1.0)
+            g.set_sld(neg, self.steps, sld_params(setting))
+        elif base == "concept":
+            inputs, start = parse_concept_setting(setting)
+            handle = self._cached(("concept", setting), lambda: hgr_nodes.HGRConceptRedirector.execute(
+                clip=self.clip, concepts=CONCEPTS, **inputs).result[0])
+            g = self._sampling.SafeCFGGuider(self.model, handle, 1.0, start, 1.0)
+            g.set_conds(pos, self.empty)
+        elif base == "hgr":
+            g = self._sampling.SafeCFGGuider(self.model, self.hgr, float(setting), 0.0, 1.0)
             g.set_conds(pos, self.empty)
         else:
-            raise ValueError(method)
+            raise ValueError(name)
         g.set_cfg(self.cfg)
         return g

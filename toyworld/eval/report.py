@@ -1,28 +1,63 @@
-"""The benchmark's report: the printed table, the safety-vs-quality plot and the sample grid."""
+"""The benchmark's report: the printed tables, the safety-vs-quality plot and the sample grid."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = ["harmful_rate", "heldout_harmful_rate", "clean_accuracy", "clean_distance", "fd"]
+HARMFUL_COLUMNS = [("harmful", "harmful_rate"), ("heldout", "harmful_rate"), ("composed", "harmful_rate"),
+                   ("harmful", "lenient_harmful_rate"), ("heldout", "lenient_harmful_rate"),
+                   ("composed", "lenient_harmful_rate")]
+QUALITY_COLUMNS = [("clean", "clean_accuracy"), ("composed_clean", "clean_accuracy"),
+                   ("composed", "clean_object_kept"), ("harmful", "redirect_fidelity"),
+                   ("heldout", "redirect_fidelity"), ("clean", "clean_distance"), ("clean", "fd")]
+TITLES = {"harmful_rate": "harmful", "lenient_harmful_rate": "lenient", "clean_accuracy": "accuracy",
+          "clean_object_kept": "clean kept", "redirect_fidelity": "redirect fid.", "clean_distance": "distance",
+          "fd": "Frechet"}
 
 
-def table(results: dict) -> str:
-    """One line per method with the headline columns, each with its 95 % interval."""
-    def cell(row, c):
-        v, ci = row.get(c, float("nan")), row.get(c + "_ci")
-        return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+def cell(row: dict, split: str, key: str) -> str:
+    r = row.get(split, {})
+    v, ci = r.get(key), r.get(key + "_ci")
+    if v is None:
+        return "-"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
-    lines = [f"{'method':<16}" + "".join(f"{c:>26}" for c in COLUMNS)]
+
+def _table(results: dict, columns) -> str:
+    heads = [f"{TITLES[k]} ({s})" for s, k in columns]
+    if not heads:
+        return ""
+    width = max(26, max(len(h) for h in heads) + 2)
+    lines = [f"{'method':<18}" + "".join(f"{h:>{width}}" for h in heads)]
     for m, row in results["methods"].items():
-        lines.append(f"{m:<16}" + "".join(f"{cell(row, c):>26}" for c in COLUMNS))
+        lines.append(f"{m:<18}" + "".join(f"{cell(row, s, k):>{width}}" for s, k in columns))
     return "\n".join(lines)
 
 
+def table(results: dict) -> str:
+    """Two tables, one line per method, each figure with its 95 % interval: harmful rates (strict
+    judge, then lenient) and quality."""
+    methods = results["methods"].values()
+    cols = [c for c in HARMFUL_COLUMNS if any(c[0] in r for r in methods)]
+    qcols = [c for c in QUALITY_COLUMNS if any(c[1] in r.get(c[0], {}) for r in methods)]
+    if not cols and not qcols:  # other splits (calibration): each split's headline figures
+        keys = ("harmful_rate", "clean_accuracy", "clean_distance")
+        cols = [(s, k) for s in dict.fromkeys(s for r in methods for s, v in r.items() if isinstance(v, dict))
+                for k in keys if any(k in r.get(s, {}) for r in methods)]
+        return _table(results, cols)
+    return _table(results, cols) + "\n\n" + _table(results, qcols)
+
+
 def line(name: str, row: dict) -> str:
-    """A progress line: every figure of a row."""
-    return f"[eval] {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in row.items())
+    """A progress line: each split's headline figure."""
+    parts = []
+    for split, r in row.items():
+        if not isinstance(r, dict):
+            continue
+        for key in ("harmful_rate", "clean_accuracy", "clean_object_kept", "redirect_fidelity"):
+            if key in r:
+                parts.append(f"{split}.{key} {r[key]:.3f}")
+    return f"[eval] {name} ({row.get('setting')}): " + ", ".join(parts) + f" ({row.get('seconds')} s)"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -31,41 +66,55 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    markers = {"harmful": "o", "heldout": "x", "composed": "^"}
     for m, row in results["methods"].items():
-        x = row["clean_accuracy"] * 100
-        ax.scatter(x, row["harmful_rate"] * 100, s=60, label=f"{m} (named)")
-        colour = ax.collections[-1].get_facecolor()[0]
-        ax.scatter(x, row["heldout_harmful_rate"] * 100, s=60, marker="x", color=colour)
-        for key in ("harmful_rate", "heldout_harmful_rate"):  # 95 % intervals, where recorded
-            if key + "_ci" in row and "clean_accuracy_ci" in row:
-                y, (ylo, yhi), (xlo, xhi) = row[key] * 100, row[key + "_ci"], row["clean_accuracy_ci"]
-                ax.errorbar(x, y, xerr=[[x - xlo * 100], [xhi * 100 - x]], yerr=[[y - ylo * 100], [yhi * 100 - y]],
-                            color=colour, alpha=0.4, lw=1)
-        ax.annotate(m, (row["clean_accuracy"] * 100, row["harmful_rate"] * 100), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("clean-prompt accuracy (%)  [higher is better]")
-    ax.set_ylabel("harmful images (%)  [lower is better]")
-    ax.set_title("Toy world: safety vs quality (o named, x held-out names; 95 % intervals)")
+        if "clean" not in row:
+            continue
+        x = row["clean"]["clean_accuracy"] * 100
+        xlo, xhi = (v * 100 for v in row["clean"]["clean_accuracy_ci"])
+        colour = None
+        for split, mk in markers.items():
+            if split not in row:
+                continue
+            y = row[split]["harmful_rate"] * 100
+            ylo, yhi = (v * 100 for v in row[split]["harmful_rate_ci"])
+            sc = ax.scatter(x, y, s=50, marker=mk, color=colour, label=m if colour is None else None)
+            colour = sc.get_facecolor()[0] if colour is None else colour
+            ax.errorbar(x, y, xerr=[[max(0, x - xlo)], [max(0, xhi - x)]], yerr=[[max(0, y - ylo)], [max(0, yhi - y)]],
+                        color=colour, alpha=0.35, lw=1)
+    ax.set_xlabel("clean accuracy, one object (%)  [higher is better]")
+    ax.set_ylabel("harmful images, strict judge (%)  [lower is better]")
+    ax.set_title("Toy world: o held-out templates, x held-out names, ^ composed (95 % intervals)", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def grid(images: dict, splits: dict, path: Path, per: int = 8) -> None:
-    """First ``per`` images of every split (columns) for every method (rows)."""
+def grid(images: dict, splits: dict, path: Path, per: int = 6) -> None:
+    """First ``per`` images of every split (columns) for every method (rows), labelled; the row
+    "plain on safe rewrite" is plain CFG on the harmful single prompts' rewrites (the fidelity ceiling).
+    The prompts are the first ones of each split in eval.json."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
-    methods = sorted({m for m, _ in images}, key=list(dict.fromkeys(m for m, _ in images)).index)
-    rows = []
-    for m in methods:
-        cells = []
-        for split in splits:
+    methods = list(dict.fromkeys(m for m, _ in images))
+    label_w, head_h, gap = 150, 16, 8
+    col_w = per * 64 + gap
+    W, H = label_w + col_w * len(splits), head_h + 68 * len(methods)
+    canvas = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, split in enumerate(splits):
+        draw.text((label_w + j * col_w + 2, 2), split, fill="black")
+    for i, m in enumerate(methods):
+        y = head_h + i * 68
+        draw.text((2, y + 26), m[:24], fill="black")
+        for j, split in enumerate(splits):
+            if (m, split) not in images:
+                continue
             imgs = images[(m, split)][:per].numpy()
-            cells.append(np.concatenate(list(imgs), axis=1))
-            cells.append(np.ones((64, 8, 3)))
-        rows.append(np.concatenate(cells, axis=1))
-        rows.append(np.ones((4, rows[-1].shape[1], 3)))
-    Image.fromarray((np.concatenate(rows) * 255).astype("uint8")).save(path)
+            strip = (np.concatenate(list(imgs), axis=1) * 255).astype("uint8")
+            canvas.paste(Image.fromarray(strip), (label_w + j * col_w, y))
+    canvas.save(path)

@@ -1,12 +1,16 @@
 """`make eval` (``python -m toyworld.eval``): the toy-world benchmark of every safety method, in one run
 with fixed seeds.
 
-Splits (fixed seeds, ``--n`` prompts each): ``clean`` ("a red star on dots"), ``harmful`` (harmful
-objects named with the names HGR training may see) and ``heldout`` (the held-out names only).
-Methods, all sampled with the same noise through ComfyUI's own sampler (Euler, ``--steps`` steps,
-cfg ``--cfg``): plain CFG, a negative prompt, SLD-style safe guidance (the SLD paper's update rule
-with its "medium" hyper-parameters), the concept redirector (SafeCFG, training-free) and, where a
-bundled HGR exists, the learned HGR and the fine-tuned LoRAs. The oracle scores every image.
+Splits (``toyworld.eval.prompts``, ``--n`` prompts each, none of them a string that any training,
+fine-tuning or calibration data holds): ``clean`` and ``composed_clean`` (one or two clean objects),
+``harmful`` (training names in held-out templates), ``heldout`` (held-out names) and ``composed`` (a
+harmful object beside a clean one). Methods, all sampled with the same noise through ComfyUI's own
+sampler (Euler, ``--steps`` steps, cfg ``--cfg``), each at the setting `make calibrate` chose on the
+calibration split with the same budget for every method (results/calibration.json): plain CFG, a
+negative prompt, SLD, the concept redirector (SafeCFG, training-free), the learned HGR and the
+fine-tuned LoRAs. The strict oracle judges every image; the lenient one's harmful rate is reported
+beside it. Plain CFG also draws every harmful single prompt's safe rewrite at the same seeds: the
+ceiling of the redirect fidelity.
 
 Writes results/eval.json, results/eval_tradeoff.png, results/eval_samples.png and prints a table.
 """
@@ -20,10 +24,11 @@ from pathlib import Path
 
 from ..session import start
 from . import metrics, report
-from .baselines import CONCEPT_DEFAULT, CONCEPTS, SLD_MEDIUM, Methods
-from .prompts import HARM_WORDS, SPLITS, make_prompts
+from .baselines import CONCEPTS, GRIDS, Methods, calibrated_settings, split_methods
+from .prompts import CLEAN_SPLITS, HARM_WORDS, SPLITS, make_prompts, training_strings
 
 REPO = Path(__file__).resolve().parents[2]
+METHODS = "plain,negative_prompt,sld,concept,hgr,finetuned_lora,supervised_lora"
 
 
 def encode_batch(clip, texts: list[str]):
@@ -34,23 +39,40 @@ def encode_batch(clip, texts: list[str]):
     return [[torch.cat(conds), {}]]
 
 
+def real_scene(spec, rng):
+    """The generator scene a prompt asks for (the Frechet distance's reference): one object in the
+    centre, or two side by side, in the requested colours and sizes; a random background when none is
+    asked for."""
+    from .. import world
+
+    n = len(spec.items)
+    objs = []
+    for j, it in enumerate(spec.items):
+        size = world.SIZES[it.size or ("large" if rng.uniform() < 0.5 else "small")] * (0.85 if n == 2 else 1.0)
+        colour = it.colour or world.COLOUR_NAMES[rng.integers(len(world.COLOUR_NAMES))]
+        x = 0.5 if n == 1 else (0.3, 0.7)[j]
+        objs.append(world.Obj(it.cls, colour, x, 0.5, size, it.name))
+    return world.Scene(objs, spec.background or world.BACKGROUNDS[rng.integers(len(world.BACKGROUNDS))])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200, help="prompts per split (default 200)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--methods", default="plain,negative_prompt,sld,concept,hgr,finetuned_lora,supervised_lora")
-    ap.add_argument("--splits", default="clean,harmful,heldout")
-    ap.add_argument("--concept", default=CONCEPT_DEFAULT,
-                    help="concept redirector threshold,push,mode[,start_percent[,push_threshold[,push_memory]]] "
-                         "(default: the setting `python -m toyworld.calibrate` chose without held-out names, "
-                         "results/calibration.json); several settings separated by ';' are each "
-                         "run as a method `concept[threshold,push,mode]`")
+    ap.add_argument("--methods", default=METHODS,
+                    help="comma-separated; a method at a given setting is written name[setting] (settings: "
+                         + "; ".join(f"{k}: {' | '.join(v)}" for k, v in GRIDS.items()) + ")")
+    ap.add_argument("--splits", default=",".join(SPLITS))
+    ap.add_argument("--prompts", default=None,
+                    help="internal (calibration): a JSON file {split: [prompt spec]} used instead of the splits")
     ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"),
                     help="the learned HGR evaluated as method 'hgr'")
     ap.add_argument("--detect-levels", type=int, default=4,
                     help="noise levels of the image detector on plain CFG's images (0 skips it)")
+    ap.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                    help="skip plain CFG on the safe rewrites (no redirect fidelity)")
     ap.add_argument("--cpu", action="store_true", help="the CPU even where CUDA is available")
     ap.add_argument("--out", default=str(REPO / "results" / "eval.json"))
     args = ap.parse_args(argv)
@@ -63,17 +85,23 @@ def main(argv=None) -> int:
 
     from safecfg_pack.nodes import detect_nodes
 
-    from .. import world
-    from ..models import load_clip, load_sd, load_unet, load_vae, weights_path
+    from .. import grammar, world
+    from .. import oracle as oracle_mod
+    from ..models import load_clip, load_unet, load_vae, weights_path
     from ..models_io import read_meta
-    from ..oracle import Oracle, classify
+    from ..oracle import classify
 
     t_start = time.time()
     model, clip, vae = load_unet(), load_clip(), load_vae()
-    oracle = Oracle()
-    oracle.load_state_dict(load_sd(weights_path("oracle")))
-    oracle.eval()
-    splits = {name: make_prompts(name, args.n, args.seed + SPLITS.index(name)) for name in args.splits.split(",")}
+    strict, lenient = oracle_mod.load(), oracle_mod.load(lenient=True)
+    if args.prompts:
+        raw = json.loads(Path(args.prompts).read_text())
+        splits = {k: [grammar.Spec(d["template"], tuple(grammar.Item(**it) for it in d["items"]), d["background"],
+                                   d["position"]) for d in v] for k, v in raw.items()}
+    else:
+        banned = training_strings()
+        splits = {name: make_prompts(name, args.n, args.seed + SPLITS.index(name), banned)
+                  for name in args.splits.split(",")}
     ms = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "normal", args.steps)
     sampler = comfy.samplers.sampler_object("euler")
@@ -89,73 +117,96 @@ def main(argv=None) -> int:
         hed = torch.stack([e.float() for _, e in trace]).mean(0) if trace else None
         return imgs, hed
 
-    methods = Methods(model, clip, methods=args.methods, concept=args.concept, hgr_path=Path(args.hgr),
-                      steps=args.steps, cfg=args.cfg, negative_prompt=HARM_WORDS)
+    settings = calibrated_settings()
+    methods = Methods(model, clip, methods=split_methods(args.methods), hgr_path=Path(args.hgr), steps=args.steps,
+                      cfg=args.cfg, negative_prompt=HARM_WORDS, settings=settings)
+    kinds = {split: ("clean" if split in CLEAN_SPLITS or split == "cal_clean" else "harmful") for split in splits}
+    seeds = {split: args.seed * 31 + k for k, split in enumerate(splits)}
     results: dict = {"methods": {}, "n_prompts": {k: len(v) for k, v in splits.items()},
                      "settings": {"steps": args.steps, "cfg": args.cfg, "sampler": "euler", "scheduler": "normal",
-                                  "seed": args.seed, "negative_prompt": HARM_WORDS, "sld": SLD_MEDIUM,
-                                  "concepts": CONCEPTS, "concept_settings": args.concept,
-                                  "held_out_names": world.HELD_OUT_NAMES}}
+                                  "seed": args.seed, "negative_prompt": HARM_WORDS, "concepts": CONCEPTS,
+                                  "method_settings": methods.settings, "calibration_grids": GRIDS,
+                                  "held_out_names": world.HELD_OUT_NAMES,
+                                  "held_out_templates": list(grammar.HELD_OUT_TEMPLATES)},
+                     "prompts": {k: [s.text for s in v] for k, v in splits.items()}}
     images: dict = {}
     heds: dict = {}
-    # real generator images for the clean prompts (Frechet distance reference)
+    # real generator images of the clean prompts (the Frechet distance's reference), and how well the
+    # strict oracle reads them, sharp and after a VAE round trip (the ceiling for any generated image)
     rng = np.random.default_rng(args.seed + 99)
-    real_feat = None
-    if "clean" in splits:
-        real = np.stack([world.render(world.prompt_scene(c, col, c, bg, rng), rng)
-                         for _, c, col, bg in splits["clean"]])
-        real_out = classify(oracle, torch.from_numpy(real))
-        real_feat = real_out["features"].numpy()
+    real_feat, judge = {}, {"metadata": read_meta(weights_path("oracle"))}
+    for split, specs in splits.items():
+        if kinds[split] != "clean":
+            continue
+        real = torch.from_numpy(np.stack([world.render(real_scene(s, rng), rng) for s in specs]))
+        real_out = classify(strict, real)
+        real_feat[split] = real_out["features"].numpy()
         with torch.no_grad():
-            recon = vae.decode(vae.encode(torch.from_numpy(real))).float().clamp(0, 1)
-        rec_out = classify(oracle, recon)
-
-        def acc(out):
-            return float(np.mean(metrics.requested(out, splits["clean"])[2]))
-
-        # how well the oracle reads the requested attributes on real generator images, and on the same
-        # images after a VAE round trip (the ceiling for any generated image)
-        results["oracle"] = {"clean_accuracy_real": acc(real_out), "clean_accuracy_vae_roundtrip": acc(rec_out),
-                             "metadata": read_meta(weights_path("oracle"))}
-        print(f"[eval] oracle on real clean images {acc(real_out):.3f}, after VAE round trip {acc(rec_out):.3f}")
+            rec_out = classify(strict, vae.decode(vae.encode(real)).float().clamp(0, 1))
+        acc = {k: float(np.mean(metrics.objects_present(o, specs, lambda s: s.items)))
+               for k, o in (("real", real_out), ("vae_roundtrip", rec_out))}
+        judge[f"clean_accuracy_real_{split}"], judge[f"clean_accuracy_vae_roundtrip_{split}"] = \
+            acc["real"], acc["vae_roundtrip"]
+        print(f"[eval] strict oracle on real {split} images {acc['real']:.3f}, after VAE round trip "
+              f"{acc['vae_roundtrip']:.3f}", flush=True)
+    results["oracle"] = judge
     # each split's prompts are encoded once and shared by every method
-    split_conds = {split: encode_batch(clip, [p[0] for p in prompts]) for split, prompts in splits.items()}
+    split_conds = {split: encode_batch(clip, [s.text for s in specs]) for split, specs in splits.items()}
+    # the redirect-fidelity ceiling: plain CFG on the safe rewrites of the harmful single prompts
+    ceiling = {}
+    if args.ceiling:
+        t0 = time.time()
+        for split, specs in splits.items():
+            if kinds[split] == "harmful" and all(len(s.items) == 1 for s in specs):
+                cond = encode_batch(clip, [s.rewrite().text for s in specs])
+                g = comfy.samplers.CFGGuider(model)
+                g.set_conds(cond, methods.empty)
+                g.set_cfg(args.cfg)
+                imgs, _ = run(g, len(specs), seeds[split])
+                images[("plain on safe rewrite", split)] = imgs
+                out = classify(strict, imgs)
+                ceiling[split] = metrics.redirect_flags(out, specs)
+        results["redirect_ceiling"] = {k: metrics.rate(v) for k, v in ceiling.items()}
+        results["redirect_ceiling"]["seconds"] = round(time.time() - t0, 1)
+        print("[eval] redirect ceiling (plain CFG on the safe rewrites): "
+              + ", ".join(f"{k} {v['rate']:.3f}" for k, v in results["redirect_ceiling"].items()
+                          if isinstance(v, dict)), flush=True)
+    plain_kept: dict = {}
     for method in methods.names:
         t0 = time.time()
-        row = {}
-        for k, (split, prompts) in enumerate(splits.items()):
-            imgs, hed = run(methods.guider(method, split_conds[split]), len(prompts), args.seed * 31 + k)
+        row = {"setting": methods.settings[method]}
+        for split, specs in splits.items():
+            imgs, hed = run(methods.guider(method, split_conds[split]), len(specs), seeds[split])
             images[(method, split)] = imgs
             if hed is not None:
                 heds[(method, split)] = hed
-            out = classify(oracle, imgs)
-            if split == "clean":
-                row.update(metrics.clean_row(out, prompts, real_feat, imgs, images.get(("plain", "clean"))))
+            out = classify(strict, imgs)
+            if kinds[split] == "clean":
+                row[split] = metrics.clean_split(out, specs, real_feat[split], imgs, images.get(("plain", split)))
             else:
-                row.update(metrics.harmful_row(out, prompts, split))
+                kept = metrics.objects_present(out, specs, lambda s: s.clean_items) \
+                    if all(len(s.items) == 2 for s in specs) else None
+                if method == "plain" and kept is not None:
+                    plain_kept[split] = kept
+                row[split] = metrics.harmful_split(out, classify(lenient, imgs), specs, plain_kept.get(split),
+                                                   ceiling.get(split))
         row["seconds"] = round(time.time() - t0, 1)
         results["methods"][method] = row
         print(report.line(method, row), flush=True)
 
     # detection: the HED of the sampling run (mean over steps) as a harmfulness score, harmful vs clean
     det = {}
+    harmful_splits = [s for s in splits if kinds[s] == "harmful"]
     for method in methods.names:
         if (method, "clean") not in heds:
             continue
-        d = {}
-        for split, key in (("harmful", "auroc_sampling"), ("heldout", "auroc_sampling_heldout")):
-            if (method, split) in heds:
-                d[key] = metrics.auroc(heds[(method, split)].numpy(), heds[(method, "clean")].numpy())
+        d = {f"auroc_sampling_{split}": metrics.auroc(heds[(method, split)].numpy(), heds[(method, "clean")].numpy())
+             for split in harmful_splits if (method, split) in heds}
         d["mean_hed_clean"] = float(heds[(method, "clean")].mean())
-        for split in ("harmful", "heldout"):
-            if (method, split) in heds:
-                d[f"mean_hed_{split}"] = float(heds[(method, split)].mean())
         det[method] = d
         print(f"[eval] detection ({method}): " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()), flush=True)
     if det:
         results["detection"] = {"sampling": det}
-        if "hgr" in det:
-            results["detection"].update({k: v for k, v in det["hgr"].items() if k.startswith("auroc")})
 
     # detection on finished images, without the prompt (HGRHarmDetector's code path): plain CFG's images
     hgr_handle = methods.hgr
@@ -169,18 +220,16 @@ def main(argv=None) -> int:
         thr = hgr_handle.redirector.detect_threshold
         img = {"levels": args.detect_levels, "seconds": round(time.time() - t0, 1),
                "scores": {k: [round(float(x), 6) for x in v] for k, v in scores.items()}}
-        if "clean" in scores:
-            if "harmful" in scores:
-                img["auroc_image"] = metrics.auroc(scores["harmful"], scores["clean"])
-            if "heldout" in scores:
-                img["auroc_image_heldout"] = metrics.auroc(scores["heldout"], scores["clean"])
+        clean_key = "clean" if "clean" in scores else "cal_clean" if "cal_clean" in scores else None
+        if clean_key:
+            for split in harmful_splits:
+                img[f"auroc_image_{split}"] = metrics.auroc(scores[split], scores[clean_key])
         if thr is not None:
             img["threshold"] = thr
             for split, v in scores.items():
-                img[f"flagged_rate_{split}"] = float(np.mean(v > thr))
+                img[f"flagged_rate_{split}"] = metrics.rate(v > thr)
         results.setdefault("detection", {})
         results["detection"]["image"] = img
-        results["detection"].update({k: v for k, v in img.items() if k.startswith("auroc") or k == "threshold"})
         print("[eval] detection on images (no prompt): " + ", ".join(
             f"{k} {v:.3f}" for k, v in img.items() if isinstance(v, float)), flush=True)
 
