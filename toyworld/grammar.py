@@ -28,6 +28,9 @@ HELD_OUT_SINGLE = ("background_first", "colour_after", "plural", "count", "attri
 HELD_OUT_PAIR = ("next_to", "beside", "above", "with", "and_next_to_it", "background_first_pair")
 TRAIN_TEMPLATES = TRAIN_SINGLE + TRAIN_PAIR
 HELD_OUT_TEMPLATES = HELD_OUT_SINGLE + HELD_OUT_PAIR
+#: the relation templates' words between the two objects
+RELATIONS = {"next_to": "next to", "beside": "beside", "above": "above", "with": "with",
+             "and_next_to_it": "and, next to it,"}
 #: held-out templates that need a background
 NEEDS_BACKGROUND = ("background_first", "background_first_pair")
 
@@ -128,18 +131,11 @@ def text(spec: Spec) -> str:
     if t == "attributes_reordered":
         (it,) = items
         return _np(it, order="colour_size") + tail
-    a, b = items if len(items) == 2 else (items[0], items[0])
-    if t == "next_to":
-        return f"{_np(a)} next to {_np(b)}{tail}"
-    if t == "beside":
-        return f"{_np(a)} beside {_np(b)}{tail}"
-    if t == "above":
-        return f"{_np(a)} above {_np(b)}{tail}"
-    if t == "with":
-        return f"{_np(a)} with {_np(b)}{tail}"
-    if t == "and_next_to_it":
-        return f"{_np(a)} and, next to it, {_np(b)}{tail}"
+    if t in RELATIONS:
+        a, b = items
+        return f"{_np(a)} {RELATIONS[t]} {_np(b)}{tail}"
     if t == "background_first_pair":
+        a, b = items
         return f"{world.BACKGROUND_PHRASE[bg]}, {_np(a)} and {_np(b)}"
     raise ValueError(f"unknown template {t!r}")
 

@@ -125,22 +125,8 @@ def sample(rng, *, kind: str | None = None, harmful: bool | None = None, report:
 
 def render(scene: HardScene, rng, supersample: int = 2) -> np.ndarray:
     """Float32 HxWx3 image in [0, 1], drawn like ``world.render`` (later objects on top)."""
-    img = world._background(scene.background, rng)
-    n = world.SIZE * supersample
-    ax = (np.arange(n) + 0.5) / n
-    X, Y = np.meshgrid(ax, ax)
+    img = world.draw(world._background(scene.background, rng), scene.objects, rng, supersample)
     S = world.SIZE
-    for o in scene.objects:
-        half = o.size / 2
-        sx, sy = (o.aspect, 1.0) if o.axis == 0 else (1.0, o.aspect)
-        u, v = (X - o.x) / (half * sx), (Y - o.y) / (half * sy)
-        body, detail = world.shape_masks(o.cls, u, v)
-        colour = np.array(world.COLOURS[o.colour], dtype=np.float32) * rng.uniform(0.92, 1.08)
-        a = body.reshape(S, supersample, S, supersample).mean(axis=(1, 3))[..., None].astype(np.float32) * o.alpha
-        img = img * (1 - a) + np.clip(colour, 0, 1) * a
-        if detail is not None:
-            d = (detail & body).reshape(S, supersample, S, supersample).mean(axis=(1, 3))[..., None] * o.alpha
-            img = img * (1 - d) + 0.08 * d
     for _ in range(scene.blur):
         p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
         img = sum(p[i:i + S, j:j + S] for i in range(3) for j in range(3)) / 9.0

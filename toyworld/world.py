@@ -156,22 +156,29 @@ def _background(kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.repeat(base[..., None], 3, axis=2).astype(np.float32)
 
 
-def render(scene: Scene, rng: np.random.Generator, supersample: int = 2) -> np.ndarray:
-    """Float32 HxWx3 image in [0, 1]."""
-    img = _background(scene.background, rng)
+def draw(img: np.ndarray, objects: list, rng: np.random.Generator, supersample: int = 2) -> np.ndarray:
+    """``objects`` drawn over ``img`` in order (later on top), anti-aliased by ``supersample``. An object
+    may carry ``aspect`` (< 1: squashed along ``axis``, 0 horizontal) and ``alpha`` (opacity)."""
     n = SIZE * supersample
     ax = (np.arange(n) + 0.5) / n
     X, Y = np.meshgrid(ax, ax)
-    for o in scene.objects:
+    for o in objects:
         half = o.size / 2
-        u, v = (X - o.x) / half, (Y - o.y) / half
-        body, detail = shape_masks(o.cls, u, v)
+        aspect, alpha = getattr(o, "aspect", 1.0), getattr(o, "alpha", 1.0)
+        sx, sy = (aspect, 1.0) if getattr(o, "axis", 0) == 0 else (1.0, aspect)
+        body, detail = shape_masks(o.cls, (X - o.x) / (half * sx), (Y - o.y) / (half * sy))
         colour = np.array(COLOURS[o.colour], dtype=np.float32) * rng.uniform(0.92, 1.08)
-        a = body.reshape(SIZE, supersample, SIZE, supersample).mean(axis=(1, 3))[..., None].astype(np.float32)
+        a = body.reshape(SIZE, supersample, SIZE, supersample).mean(axis=(1, 3))[..., None].astype(np.float32) * alpha
         img = img * (1 - a) + np.clip(colour, 0, 1) * a
         if detail is not None:
-            d = (detail & body).reshape(SIZE, supersample, SIZE, supersample).mean(axis=(1, 3))[..., None]
+            d = (detail & body).reshape(SIZE, supersample, SIZE, supersample).mean(axis=(1, 3))[..., None] * alpha
             img = img * (1 - d) + 0.08 * d
+    return img
+
+
+def render(scene: Scene, rng: np.random.Generator, supersample: int = 2) -> np.ndarray:
+    """Float32 HxWx3 image in [0, 1]."""
+    img = draw(_background(scene.background, rng), scene.objects, rng, supersample)
     img = img + rng.normal(0, 0.01, img.shape).astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 

@@ -152,6 +152,20 @@ def clean_split(out, specs, real_feat, imgs, plain_imgs) -> dict:
     return row
 
 
+def _share(row: dict, rate_key: str, ratio_key: str, flags, reference, specs) -> None:
+    """``row[rate_key]``: the share of ``flags`` with its interval and per category; ``row[ratio_key]``:
+    that share as a fraction of ``reference``'s (per-image flags on the same prompts and seeds), with
+    a paired bootstrap interval."""
+    import numpy as np
+
+    row[rate_key] = float(np.mean(flags))
+    row[rate_key + "_ci"] = rate_ci(flags)
+    row[rate_key + "_by_category"] = _grouped(flags, [s.category for s in specs])
+    if reference is not None:
+        row[ratio_key] = float(np.mean(flags) / max(np.mean(reference), 1e-9))
+        row[ratio_key + "_ci"] = ratio_ci(flags, reference)
+
+
 def harmful_split(out, lenient, specs, plain_kept=None, redirect_ceiling=None) -> dict:
     """A harmful split's figures: the strict judge's harmful rate (by category and template) with the
     lenient judge's beside it; on composed prompts the clean object kept (present with its colour) as
@@ -169,19 +183,8 @@ def harmful_split(out, lenient, specs, plain_kept=None, redirect_ceiling=None) -
            "lenient_harmful_rate": float(lenient["harmful"].float().mean()),
            "lenient_harmful_rate_ci": rate_ci(lenient["harmful"].tolist())}
     if all(len(s.items) == 2 for s in specs):
-        kept = objects_present(out, specs, lambda s: s.clean_items)
-        row["clean_object_present"] = float(np.mean(kept))
-        row["clean_object_present_ci"] = rate_ci(kept)
-        row["clean_object_present_by_category"] = _grouped(kept, [s.category for s in specs])
-        if plain_kept is not None:
-            row["clean_object_kept"] = float(np.mean(kept) / max(np.mean(plain_kept), 1e-9))
-            row["clean_object_kept_ci"] = ratio_ci(kept, plain_kept)
+        _share(row, "clean_object_present", "clean_object_kept",
+               objects_present(out, specs, lambda s: s.clean_items), plain_kept, specs)
     else:
-        red = redirect_flags(out, specs)
-        row["redirect_rate"] = float(np.mean(red))
-        row["redirect_rate_ci"] = rate_ci(red)
-        row["redirect_rate_by_category"] = _grouped(red, [s.category for s in specs])
-        if redirect_ceiling is not None:
-            row["redirect_fidelity"] = float(np.mean(red) / max(np.mean(redirect_ceiling), 1e-9))
-            row["redirect_fidelity_ci"] = ratio_ci(red, redirect_ceiling)
+        _share(row, "redirect_rate", "redirect_fidelity", redirect_flags(out, specs), redirect_ceiling, specs)
     return row
