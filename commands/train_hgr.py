@@ -3,6 +3,11 @@ a model, from a repository checkout (ComfyUI from the bootstrap or ``COMFYUI_DIR
 
 The teacher cache is resumable (rerun the same command after an interruption) and can be split
 across processes with ``--shard``/``--num-shards``; the fit writes a validated ``.safetensors``.
+
+``--kind text`` trains the paper's form instead: a Transformer over the prompt's text embedding whose
+output replaces the empty prompt's in CFG's unconditional branch (``safecfg/text_train.py``). Its
+teacher states are cached in the cache folder (``text_states.safetensors``, rebuilt when the prompts,
+settings or model change); the fit keeps the weights with the best validation loss.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="sampling steps of the teacher trajectories")
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--fit-steps", type=int, default=3000)
-    ap.add_argument("--width", type=int, default=64, help="HGR base width (64 = 2.4 M parameters)")
+    ap.add_argument("--kind", choices=["latent", "text"], default="latent",
+                    help="latent: the CFG direction in latent space; text: the paper's form, on the text embedding")
+    ap.add_argument("--width", type=int, default=None,
+                    help="HGR width (latent: base width, default 64 = 2.4 M parameters; text: the Transformer's "
+                         "width, default 256)")
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--num-shards", type=int, default=1, help="split cache building across processes")
     ap.add_argument("--seed", type=int, default=0)
@@ -47,6 +56,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     cache_dir = Path(args.cache) if args.cache else out.with_suffix(".cache")
     progress = progress_bars()
+    if args.kind == "text":
+        return _train_text(args, teacher, mp, data, out, base, cache_dir, progress)
     cache_spec = CacheSpec(steps=args.steps, cfg=args.cfg, seed=args.seed)
     if args.num_shards > 1:
         build_cache(teacher, data, cache_dir, cache_spec, shard=args.shard, num_shards=args.num_shards,
@@ -55,7 +66,43 @@ def main(argv=None) -> int:
         return 0
     _, summary = train_hgr(teacher, data, cache_dir, out, base_model=base, progress=progress, cache_spec=cache_spec,
                            fit_spec=FitSpec(steps=args.fit_steps, seed=args.seed),
-                           config=HGRConfig(latent_channels=teacher.latent_channels, width=args.width))
+                           config=HGRConfig(latent_channels=teacher.latent_channels, width=args.width or 64))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+def _train_text(args, teacher, mp, data, out: Path, base: str, cache_dir: Path, progress) -> int:
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from safecfg_pack.safecfg.hgr_file import save_hgr
+    from safecfg_pack.safecfg.teacher_cache import cache_metadata, digest
+    from safecfg_pack.safecfg.text_hgr import TextHGRConfig
+    from safecfg_pack.safecfg.text_train import TextFitSpec, TextStatesSpec, build_states, fit_text_hgr
+
+    spec = TextStatesSpec(steps=args.steps, cfg=args.cfg, seed=args.seed)
+    fp = digest({"spec": spec.__dict__, "data": data.__dict__, "model": teacher.fingerprint()})
+    states_file = cache_dir / "text_states.safetensors"
+    if states_file.is_file() and cache_metadata(states_file).get("fingerprint") == fp:
+        states = load_file(str(states_file))
+    else:
+        states = build_states(teacher, data, spec, progress=lambda d, t: progress("teacher states", d, t))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = states_file.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in states.items()}, str(tmp), metadata={"fingerprint": fp})
+        os.replace(tmp, states_file)
+    mp.model.requires_grad_(False)  # the denoiser is frozen: gradients reach the HGR only
+    empty = teacher.empty_embedding()
+    config = TextHGRConfig(embed_dim=int(empty.shape[-1]), tokens=int(empty.shape[0]), width=args.width or 256)
+    family = type(mp.model.model_config).__name__
+    hgr, summary = fit_text_hgr(teacher, states, config, empty,
+                                TextFitSpec(steps=args.fit_steps, seed=args.seed), family=family,
+                                categories=data.category_names,
+                                progress=lambda s, t, loss: progress("fit", s, t))
+    summary.update(kind="text", states=int(states["x"].shape[0]), cfg=args.cfg, data=str(args.data or "toyworld"))
+    save_hgr(out, hgr, base_model=base, training=summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     print(f"wrote {out}")
     return 0

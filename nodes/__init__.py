@@ -10,14 +10,14 @@ from typing_extensions import override
 from .demo_nodes import HGRDemoModelLoader
 from .detect_nodes import HGRHarmDetector, HGRHarmFilter
 from .finetune_nodes import HGRSafeFinetune
-from .guidance_nodes import HGRSafeCFGGuider, HGRSafeCFGPatch
+from .guidance_nodes import HGRSafeCFGGuider, HGRSafeCFGPatch, HGRTextNegative
 from .hgr_nodes import HGRConceptRedirector, HGRLoader, register_folder
 from .train_nodes import HGRTrain
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES: list[type[io.ComfyNode]] = [HGRLoader, HGRConceptRedirector, HGRSafeCFGGuider, HGRSafeCFGPatch,
                                    HGRDemoModelLoader, HGRTrain, HGRHarmDetector, HGRHarmFilter,
-                                   HGRSafeFinetune]
+                                   HGRSafeFinetune, HGRTextNegative]
 
 
 class SafeCFGExtension(ComfyExtension):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .hgr_type import HGRHandle, HGRType
-from .sampling import SafeCFGGuider, patch_model
+from .sampling import SafeCFGGuider, is_text, patch_model, text_negative
 
 CATEGORY = "SafeCFG"
 
@@ -80,3 +80,39 @@ class HGRSafeCFGPatch(io.ComfyNode):
     def execute(cls, model, hgr: HGRHandle, strength, start_percent, end_percent) -> io.NodeOutput:
         hgr.check_model(model, "HGRSafeCFGPatch")
         return io.NodeOutput(patch_model(model, hgr, strength, start_percent, end_percent))
+
+
+class HGRTextNegative(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HGRTextNegative",
+            display_name="SafeCFG Negative (text HGR)",
+            category=CATEGORY,
+            description=("The paper's form of SafeCFG as a plain conditioning: the negative a text-embedding HGR "
+                         "gives for the positive prompt, n + strength * Delta(positive). Wire it into a stock "
+                         "KSampler's negative input; no model patch needed. Works with text HGRs only."),
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The prompt conditioning (also the KSampler's positive)."),
+                io.Conditioning.Input("negative", tooltip="Your own negative prompt (an empty prompt for none): the "
+                                                          "HGR's correction is added to it, so it keeps working."),
+                HGRType.Input("hgr", tooltip="A text-embedding HGR (HGRLoader); latent HGRs and the concept "
+                                             "redirector act inside the sampler: use the guider or the patch."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Scale of the HGR's correction: 0 gives your negative unchanged, 1 the "
+                                       "trained redirection."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="negative",
+                                            tooltip="Connect to KSampler's negative input. It acts at every step "
+                                                    "(for a window, use the SafeCFG Model Patch instead).")],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, hgr: HGRHandle, strength) -> io.NodeOutput:
+        if not is_text(hgr):
+            raise ValueError(f"HGRTextNegative: '{hgr.name}' is not a text-embedding HGR; it acts inside the "
+                             "sampler. Use the SafeCFG Guider or the SafeCFG Model Patch with it.")
+        try:
+            return io.NodeOutput(text_negative(hgr, positive, negative, strength))
+        except ValueError as e:
+            raise ValueError(f"HGRTextNegative: {e}") from None

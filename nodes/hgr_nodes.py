@@ -76,6 +76,9 @@ class HGRLoader(io.ComfyNode):
             hgr = load_hgr(path)
         except HGRFileError as e:
             raise ValueError(f"HGRLoader: {e}") from None
+        if getattr(hgr, "kind", "") == "text":  # the paper's form: acts on the text embedding
+            return io.NodeOutput(HGRHandle(hgr, name=hgr_name, categories=hgr.categories,
+                                           text_width=hgr.config.embed_dim, text_family=hgr.family))
         return io.NodeOutput(HGRHandle(hgr, name=hgr_name, latent_format=hgr.latent_format,
                                        latent_channels=hgr.config.latent_channels, categories=hgr.categories))
 

@@ -27,11 +27,24 @@ class HGRHandle:
     latent_channels: int | None = None
     concept_conds: list = field(default_factory=list)
     categories: list[str] = field(default_factory=list)
+    #: a text-embedding HGR (the paper's form): the text embedding's width and the family it was
+    #: trained for
+    text_width: int | None = None
+    text_family: str = ""
 
     def check_model(self, model_patcher, node: str) -> None:
         """Fail early, naming the node, if this HGR cannot drive ``model_patcher``."""
         lf = model_patcher.model.latent_format
         fam, ch = type(lf).__name__, int(getattr(lf, "latent_channels", 4))
+        if self.text_width is not None:
+            cfg = getattr(getattr(model_patcher.model, "model_config", None), "unet_config", {}) or {}
+            width = cfg.get("context_dim")
+            if width is not None and int(width) != self.text_width:
+                raise ValueError(f"{node}: text HGR '{self.name}' reads {self.text_width}-wide text embeddings "
+                                 f"({self.text_family or 'its family'}) but the model's text conditioning is "
+                                 f"{width} wide ({fam}). Load an HGR trained for this model family, train one with "
+                                 "HGRTrain, or use HGRConceptRedirector, which works with any model.")
+            return
         if self.latent_channels is not None and self.latent_channels != ch:
             raise ValueError(f"{node}: HGR '{self.name}' works on {self.latent_channels}-channel latents but the "
                              f"model has {ch}-channel latents ({fam}). Load an HGR trained for this model family, "

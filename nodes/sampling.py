@@ -4,6 +4,11 @@ Both redirect the guidance ``g = D_c - D_u`` by replacing the conditional predic
 ``D_c + s * (R(g) - g)``; ComfyUI's own ``cfg_function`` then forms ``D_u + w * R_s(g)`` and runs the
 post-CFG hooks, so everything outside the redirection is core ComfyUI, and strength 0 or a step
 outside the window is bit-identical to plain CFG.
+
+A text-embedding HGR (the paper's form, ``redirector.kind == "text"``) changes the unconditional
+branch's *conditioning* instead: inside the window the negative's text embedding becomes
+``n + s * Delta(c)`` (``n`` the user's negative prompt, ``c`` the positive prompt's embedding),
+computed once per run and prompt, never per step; outside it the negative is the user's own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,26 @@ from .hgr_type import HGRHandle
 
 log = logging.getLogger("SafeCFG")
 CONCEPT_KEY = "safecfg_concept_{}"
+TEXT_NEGATIVE_KEY = "safecfg_text_negative"
+
+
+def is_text(handle: HGRHandle) -> bool:
+    return getattr(handle.redirector, "kind", "") == "text"
+
+
+def text_negative(handle: HGRHandle, positive, negative, strength: float) -> list:
+    """The negative CONDITIONING a text HGR gives for ``positive``: each negative entry's embedding
+    ``n`` becomes ``n + strength * Delta(c)``, ``c`` the first positive entry's embedding (a
+    conditioning made of several entries, e.g. by Conditioning (Combine), is read through its first).
+    Other keys (pooled output, areas, masks) are the negative's own."""
+    if not positive:
+        raise ValueError(f"SafeCFG: text HGR '{handle.name}' needs a positive prompt; the positive conditioning "
+                         "is empty")
+    c = positive[0][0]
+    out = []
+    for emb, extra in negative:
+        out.append([handle.redirector.uncond(c.to(emb.device), strength, base=emb), dict(extra)])
+    return out
 
 
 class Window:
@@ -71,6 +96,8 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
+        if is_text(self.handle) and not self.window.empty:
+            conds[TEXT_NEGATIVE_KEY] = text_negative(self.handle, positive, negative, self.window.strength)
         for i, c in enumerate(self.handle.concept_conds):
             conds[CONCEPT_KEY.format(i)] = node_helpers.conditioning_set_values(c, {"prompt_type": "positive"})
         self.inner_set_conds(conds)
@@ -86,6 +113,9 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
         if not self.window.active(timestep):
             return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, positive, self.cfg,
                                                     model_options=model_options, seed=seed)
+        if is_text(self.handle):  # the paper's form: the HGR's negative, then core CFG unchanged
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds[TEXT_NEGATIVE_KEY],
+                                                    positive, self.cfg, model_options=model_options, seed=seed)
         n_concepts = self.handle.redirector.num_concepts
         concepts = [self.conds.get(CONCEPT_KEY.format(i)) for i in range(n_concepts)]
         out = _calc(self.inner_model, [positive, negative] + concepts, x, timestep, model_options)
@@ -113,6 +143,8 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
     window = Window(m, strength, start_percent, end_percent)
     if window.empty:
         return m
+    if is_text(handle):
+        return _patch_text(m, handle, window)
     key = f"safecfg_patch_{uuid.uuid4().hex[:12]}"
     m.model_options[key] = {}
     concept_conds = [convert_cond(c) for c in handle.concept_conds]
@@ -162,3 +194,43 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)
     return m
 
+
+
+def _patch_text(m, handle: HGRHandle, window: Window):
+    """The text HGR as a model patch: a CALC_COND_BATCH wrapper that, inside the window, swaps the
+    negative's text embedding for ``n + s * Delta(c)`` in the batched model call. ``Delta(c)`` is
+    computed once per run and prompt (cached in the run's ``model_options``, which ComfyUI copies fresh
+    for every run)."""
+    import comfy.conds
+
+    key = f"safecfg_text_{uuid.uuid4().hex[:12]}"
+    m.model_options[key] = {}
+
+    def crossattn(entry):
+        mc = entry.get("model_conds", {}) if isinstance(entry, dict) else {}
+        c = mc.get("c_crossattn")
+        return getattr(c, "cond", None)
+
+    def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
+        state = model_options.get(key)
+        if (state is None or len(conds) < 2 or not conds[0] or not conds[1] or not window.active(timestep)):
+            return executor(model, conds, x_in, timestep, model_options)
+        c = crossattn(conds[0][0])
+        if c is None:
+            return executor(model, conds, x_in, timestep, model_options)
+        negs = []
+        for i, entry in enumerate(conds[1]):
+            n = crossattn(entry)
+            if n is None:
+                negs.append(entry)
+                continue
+            cache_key = (i, id(c), tuple(c.shape), id(n), tuple(n.shape))
+            if cache_key not in state:
+                state[cache_key] = handle.redirector.uncond(c, window.strength, base=n.to(c.device))
+            new = dict(entry)
+            new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(state[cache_key]))
+            negs.append(new)
+        return executor(model, [conds[0], negs] + list(conds[2:]), x_in, timestep, model_options)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)
+    return m

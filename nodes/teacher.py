@@ -97,3 +97,30 @@ class ComfyTeacher:
         finally:
             mp.cleanup()
         return [o.float().cpu() for o in out]
+
+    # -- the text-embedding HGR's teacher (safecfg.text_train.TextTeacher) -----------------------
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """The prompts' text embeddings (B, T, D), constants on the CPU."""
+        return self.batch_cond(prompts)[0][0].float().cpu()
+
+    def empty_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding (T, D): an untrained text HGR returns it."""
+        return self.cond("")[0][0][0].float().cpu()
+
+    def denoise_embedding(self, x, sigma, context):
+        """``D(x, context)`` for text embeddings ``context`` (B, T, D), differentiable in ``context``.
+        Extra conditioning (an SDXL pooled output) is the empty prompt's."""
+        mp = self.mp
+        comfy.model_management.load_models_gpu([mp])
+        device = mp.load_device
+        x, sigma = x.to(device), sigma.to(device)
+        extra = {k: (v.expand(x.shape[0], *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 else v)
+                 for k, v in self.cond("")[0][1].items()}
+        cond = [[context.to(device, x.dtype), extra]]
+        conds = [comfy.samplers.encode_model_conds(mp.model.extra_conds, convert_cond(cond), x, device, "positive")]
+        mp.pre_run()
+        try:
+            return comfy.samplers.calc_cond_batch(mp.model, conds, x, sigma, mp.model_options)[0].float()
+        finally:
+            mp.cleanup()

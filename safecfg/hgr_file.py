@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .hgr_net import HGRConfig, HGRNet, LearnedHGR, count_params
+from .text_hgr import TextHGR, TextHGRConfig, TextHGRNet, count_text_params
 
 FORMAT = "safecfg.hgr"
 FORMAT_VERSION = "1"
@@ -25,6 +26,8 @@ MAX_METADATA_VALUE = 256 * 1024
 MAX_PARAMS = 64_000_000
 ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 REQUIRED_META = ("format", "format_version", "arch", "latent_channels", "latent_format")
+#: a text-embedding HGR (``kind`` "text", the paper's form) records its text encoder's layout instead
+REQUIRED_TEXT_META = ("format", "format_version", "kind", "arch", "family", "embed_dim", "tokens")
 
 
 class HGRFileError(ValueError):
@@ -35,15 +38,22 @@ def _fail(path, problem: str, fix: str) -> HGRFileError:
     return HGRFileError(f"HGR file '{path}': {problem}. {fix}")
 
 
-def save_hgr(path: str | os.PathLike, hgr: LearnedHGR, *, base_model: str = "",
+def save_hgr(path: str | os.PathLike, hgr: LearnedHGR | TextHGR, *, base_model: str = "",
              training: dict | None = None, detection: dict | None = None) -> Path:
-    """Write ``hgr`` to ``path`` (atomically: a crash never leaves a half-written file).
+    """Write ``hgr`` (a latent or a text-embedding HGR) to ``path`` (atomically: a crash never leaves a
+    half-written file).
 
     ``detection`` (optional): the calibrated detector settings, e.g. ``{"threshold": 0.1}``; the
     detector node uses its threshold when set to auto."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise _fail(path, "the name does not end in .safetensors", "Save HGR files as .safetensors")
+    if isinstance(hgr, TextHGR):
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "text", "arch": hgr.config.to_json(),
+                "family": hgr.family, "embed_dim": str(hgr.config.embed_dim), "tokens": str(hgr.config.tokens),
+                "base_model": base_model, "categories": json.dumps(hgr.categories),
+                "training": json.dumps(training or {}, sort_keys=True, default=str)}
+        return _write(path, hgr, meta, detection)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -54,6 +64,10 @@ def save_hgr(path: str | os.PathLike, hgr: LearnedHGR, *, base_model: str = "",
         "categories": json.dumps(hgr.categories),
         "training": json.dumps(training or {}, sort_keys=True, default=str),
     }
+    return _write(path, hgr, meta, detection)
+
+
+def _write(path: Path, hgr, meta: dict, detection: dict | None) -> Path:
     if detection is None and getattr(hgr, "detect_threshold", None) is not None:
         detection = {"threshold": hgr.detect_threshold}
     if detection:
@@ -119,8 +133,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
-             latent_channels: int | None = None, device: str | torch.device = "cpu") -> LearnedHGR:
-    """Load and validate an HGR file. ``latent_format``/``latent_channels``, when given, must match."""
+             latent_channels: int | None = None, device: str | torch.device = "cpu",
+             family: str | None = None) -> LearnedHGR | TextHGR:
+    """Load and validate an HGR file: a latent HGR (``latent_format``/``latent_channels``, when given,
+    must match) or a text-embedding one (``kind`` "text"; ``family``, when given, must match)."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise _fail(path, "the name does not end in .safetensors",
@@ -130,6 +146,11 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
         if len(v) > MAX_METADATA_VALUE:
             raise _fail(path, f"metadata '{k}' is {len(v)} characters (limit {MAX_METADATA_VALUE})",
                         "The file is corrupt or not an HGR file")
+    if meta.get("format") == FORMAT and meta.get("kind") == "text":
+        return _load_text(path, header, meta, family, device)
+    if meta.get("kind", "latent") != "latent":
+        raise _fail(path, f"unknown HGR kind {meta.get('kind')!r} (this pack reads 'latent' and 'text')",
+                    "Update the SafeCFG pack or re-train the HGR")
     missing = [k for k in REQUIRED_META if k not in meta]
     if meta.get("format") != FORMAT or missing:
         raise _fail(path, f"this is not an HGR file (metadata format={meta.get('format')!r}, missing {missing})",
@@ -153,6 +174,19 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
     n_params = _count_params_bounded(path, config)
     with torch.device("meta"):
         ref = HGRNet(config).state_dict()
+    sd = _checked_tensors(path, header, ref)
+    net = HGRNet(config)
+    net.load_state_dict({k: v.float() for k, v in sd.items()})
+    hgr = LearnedHGR(net.to(device), latent_format=meta["latent_format"], categories=_categories(meta),
+                     name=path.name)
+    hgr.metadata = dict(meta, n_params=str(n_params))
+    hgr.detect_threshold = _detect_threshold(meta.get("detection"))
+    return hgr
+
+
+def _checked_tensors(path: Path, header: dict, ref: dict) -> dict:
+    """The file's tensors, after checking names, shapes, dtypes, sizes and finiteness against ``ref``
+    (a state dict on the meta device) from the header alone."""
     expected = {k: tuple(v.shape) for k, v in ref.items()}
     got = {k: tuple(v["shape"]) if isinstance(v["shape"], list) else None for k, v in header.items()}
     missing_keys = sorted(set(expected) - set(got))
@@ -180,19 +214,46 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
     for k, v in sd.items():
         if not torch.isfinite(v).all():
             raise _fail(path, f"tensor '{k}' contains NaN or infinite values", "The file is corrupt; re-train it")
-    net = HGRNet(config)
-    net.load_state_dict({k: v.float() for k, v in sd.items()})
+    return sd
+
+
+def _load_text(path: Path, header: dict, meta: dict, family: str | None, device) -> TextHGR:
+    missing = [k for k in REQUIRED_TEXT_META if k not in meta]
+    if missing:
+        raise _fail(path, f"a text HGR file without metadata {missing}", "The file is corrupt; re-train it")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise _fail(path, f"format version {meta['format_version']!r} is not supported (this pack reads "
+                    f"{FORMAT_VERSION!r})", "Update the SafeCFG pack or re-train the HGR")
     try:
-        categories = json.loads(meta.get("categories", "[]"))
-        if not isinstance(categories, list):
-            categories = []
-    except json.JSONDecodeError:
-        categories = []
-    hgr = LearnedHGR(net.to(device), latent_format=meta["latent_format"], categories=[str(c) for c in categories],
-                     name=path.name)
-    hgr.metadata = dict(meta, n_params=str(n_params))
+        config = TextHGRConfig.from_json(meta["arch"])
+    except (ValueError, TypeError) as e:
+        raise _fail(path, f"invalid architecture: {e}", "The file is corrupt or from an incompatible version") from None
+    if (str(config.embed_dim), str(config.tokens)) != (meta["embed_dim"], meta["tokens"]):
+        raise _fail(path, "embed_dim/tokens metadata disagree with the architecture", "The file is corrupt")
+    if family is not None and meta["family"] != family:
+        raise _fail(path, f"it was trained for the {meta['family']!r} text encoder but the model is {family!r}",
+                    "Use an HGR trained for this model family, or train one with HGRTrain")
+    n = count_text_params(config)
+    if n > MAX_PARAMS:
+        raise _fail(path, f"the architecture declares {n} parameters (limit {MAX_PARAMS})",
+                    "The file is corrupt or not an HGR file")
+    with torch.device("meta"):
+        ref = TextHGRNet(config).state_dict()
+    sd = _checked_tensors(path, header, ref)
+    net = TextHGRNet(config)
+    net.load_state_dict({k: v.float() for k, v in sd.items()})
+    hgr = TextHGR(net.to(device), family=meta["family"], categories=_categories(meta), name=path.name)
+    hgr.metadata = dict(meta, n_params=str(n))
     hgr.detect_threshold = _detect_threshold(meta.get("detection"))
     return hgr
+
+
+def _categories(meta: dict) -> list[str]:
+    try:
+        categories = json.loads(meta.get("categories", "[]"))
+    except json.JSONDecodeError:
+        return []
+    return [str(c) for c in categories] if isinstance(categories, list) else []
 
 
 def _detect_threshold(raw) -> float | None:

@@ -1,0 +1,172 @@
+"""The paper's form of the Harmful Guidance Redirector: a small Transformer over the prompt's text
+embedding whose output takes the place of the empty-prompt embedding in CFG's unconditional branch.
+
+    eps~ = eps(x_t, c) + w * (eps(x_t, c) - eps(x_t, HGR(c)))
+
+``HGR(c) = e_empty + Delta(c)``: ``e_empty`` is the checkpoint's empty-prompt embedding (stored in the
+file), ``Delta`` a pre-norm Transformer over the token sequence whose output layer starts at zero, so
+an untrained HGR returns the empty-prompt embedding for every prompt and CFG is unchanged. It is
+computed once per prompt (never per sampling step); its cost per step is nil.
+
+A prompt longer than one chunk (``tokens``, 77 for CLIP) is processed chunk by chunk, and the empty
+embedding is repeated once per chunk, as ComfyUI itself repeats a shorter unconditional embedding
+to the length of the conditional one.
+
+Plain torch; nothing here imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class TextHGRConfig:
+    """Architecture of a text-embedding HGR. Stored as JSON in every file of this kind."""
+
+    embed_dim: int = 768  # the width of the text embedding (the UNet's context dimension)
+    tokens: int = 77  # tokens per chunk of the embedding (CLIP: 77)
+    width: int = 256  # the Transformer's width
+    layers: int = 2
+    heads: int = 4
+
+    LIMITS = {"embed_dim": (8, 8192), "tokens": (1, 1024), "width": (8, 2048), "layers": (1, 12),
+              "heads": (1, 32)}
+
+    def validate(self) -> TextHGRConfig:
+        for name, (lo, hi) in self.LIMITS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"'{name}' must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TextHGRConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the architecture must be a JSON object")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
+        return cls(**data).validate()
+
+
+class TextHGRNet(nn.Module):
+    """``(B, T, D)`` prompt embedding -> ``(B, T, D)`` unconditional embedding, ``T`` a multiple of
+    ``config.tokens``. ``empty``: the empty prompt's embedding, ``(tokens, D)``."""
+
+    def __init__(self, config: TextHGRConfig, empty: torch.Tensor | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        t, d, w = config.tokens, config.embed_dim, config.width
+        if empty is None:
+            empty = torch.zeros(t, d)
+        if tuple(empty.shape) != (t, d):
+            raise ValueError(f"the empty-prompt embedding must have shape ({t}, {d}), got {tuple(empty.shape)}")
+        self.register_buffer("empty", empty.detach().float().clone())
+        self.inp = nn.Linear(d, w)
+        self.pos = nn.Parameter(torch.zeros(t, w))
+        layer = nn.TransformerEncoderLayer(w, config.heads, 4 * w, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(w)
+        self.out = nn.Linear(w, d)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def delta(self, cond: torch.Tensor) -> torch.Tensor:
+        """``Delta(c)``, float32, differentiable (for training)."""
+        b, length, d = cond.shape
+        t = self.config.tokens
+        chunks = cond.float().reshape(b * (length // t), t, d)
+        h = self.encoder(self.inp(chunks) + self.pos)
+        return self.out(self.norm(h)).reshape(b, length, d)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        b, length, _ = cond.shape
+        return self.empty.repeat(length // self.config.tokens, 1)[None].expand(b, -1, -1) + self.delta(cond)
+
+
+def count_text_params(config: TextHGRConfig) -> int:
+    """Parameter count of an architecture, without allocating it (the meta device)."""
+    with torch.device("meta"):
+        net = TextHGRNet(config)
+    return sum(p.numel() for p in net.parameters())
+
+
+class TextHGR:
+    """The text-embedding redirector: ``uncond(c)`` is the embedding CFG's unconditional branch uses
+    for prompt ``c``. ``family`` names the text-encoder layout it was trained for (e.g. ``SD15``)."""
+
+    kind = "text"
+
+    def __init__(self, net: TextHGRNet, *, family: str = "", categories: list[str] | None = None,
+                 name: str = "HGR"):
+        self.net = net.eval()
+        self.config = net.config
+        self.family = family
+        self.categories = list(categories or [])
+        self.name = name
+        self.names = [name]
+        self.detect_threshold: float | None = None
+        self.metadata: dict = {}
+
+    def check(self, cond: torch.Tensor, where: str = "") -> None:
+        """Fail, naming ``where`` and the fix, when ``cond`` is not an embedding this HGR reads."""
+        who = f"{where}: " if where else ""
+        t, d = self.config.tokens, self.config.embed_dim
+        if cond.ndim != 3 or cond.shape[-1] != d or cond.shape[1] % t:
+            raise ValueError(f"{who}text HGR '{self.name}' reads text embeddings of width {d} in chunks of {t} "
+                             f"tokens, got shape {tuple(cond.shape)}. Use an HGR trained for this model's text "
+                             "encoder (HGRTrain trains one), or the concept redirector, which works with any model.")
+
+    @torch.no_grad()
+    def uncond(self, cond: torch.Tensor, strength: float = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The unconditional embedding for ``cond``: ``base + strength * Delta(c)``. ``base`` is the
+        empty-prompt embedding (default) or the user's own negative prompt's embedding: a negative
+        prompt keeps working, and the HGR's correction is added to it. Token lengths are matched as
+        ComfyUI matches them (both repeated to their least common multiple); a batch of one is
+        broadcast. Same dtype and device as ``cond``; a non-finite result falls back to ``base``."""
+        self.check(cond)
+        p = next(self.net.parameters())
+        if p.device != cond.device:
+            self.net.to(cond.device)
+        delta = self.net.delta(cond) * float(strength)
+        base = (self.net.empty if base is None else base).to(cond.device, torch.float32)
+        if base.ndim == 2:
+            base = base[None]
+        if base.ndim != 3 or base.shape[-1] != delta.shape[-1]:
+            raise ValueError(f"text HGR '{self.name}': the negative embedding has shape {tuple(base.shape)}, "
+                             f"the prompt's {tuple(cond.shape)}; both must come from the same text encoder")
+        if base.shape[0] not in (1, delta.shape[0]) and delta.shape[0] != 1:
+            raise ValueError(f"text HGR '{self.name}': {base.shape[0]} negative embeddings for {delta.shape[0]} "
+                             "prompts; give one negative, or one per prompt")
+        length = math.lcm(delta.shape[1], base.shape[1])
+        base = base.repeat(1, length // base.shape[1], 1)
+        out = base + delta.repeat(1, length // delta.shape[1], 1)
+        bad = ~torch.isfinite(out).flatten(1).all(dim=1)
+        if bad.any():
+            out[bad] = base.expand_as(out)[bad]
+        return out.to(cond.dtype)
+
+    @torch.no_grad()
+    def distance(self, cond: torch.Tensor) -> torch.Tensor:
+        """The harmful Euclidean distance on embeddings, one per prompt:
+        ``||HGR(c) - e_empty|| / ||c - e_empty||`` (0 for a prompt the HGR leaves alone)."""
+        self.check(cond)
+        length, t = cond.shape[1], self.config.tokens
+        e = self.net.empty.to(cond.device).repeat(length // t, 1)[None]
+        d = self.net.delta(cond.float())
+        return d.flatten(1).norm(dim=1) / (cond.float() - e).flatten(1).norm(dim=1).clamp_min(1e-6)
+

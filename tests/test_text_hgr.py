@@ -1,0 +1,173 @@
+"""The paper's HGR (a Transformer over the text embedding, in CFG's unconditional branch): its file,
+and the guider and patch with it on the real ComfyUI runtime and a tiny seeded SD1.5 model."""
+
+from __future__ import annotations
+
+import folder_paths
+import pytest
+import torch
+from test_guidance import core_guider, encode, ksample, latent, node_out, safe_guider, safe_patch, sample_guider
+
+from safecfg_pack.safecfg import hgr_file
+from safecfg_pack.safecfg.text_hgr import TextHGR, TextHGRConfig, TextHGRNet
+
+
+def _empty(clip):
+    return encode(clip, "")[0][0][0]
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """An untrained (identity) and a random text HGR for the tiny SD1.5 CLIP, and one for another width."""
+    from devtools.tiny_nodes import models as tiny_models
+
+    clip = tiny_models.tiny_sd15_clip(0)
+    e = _empty(clip)
+    d = tmp_path_factory.mktemp("text_hgr")
+    cfg = TextHGRConfig(embed_dim=e.shape[-1], tokens=e.shape[0], width=32, layers=1, heads=2)
+    torch.manual_seed(0)
+    hgr_file.save_hgr(d / "text_identity.safetensors", TextHGR(TextHGRNet(cfg, e), family="SD15"))
+    net = TextHGRNet(cfg, e)
+    torch.nn.init.normal_(net.out.weight, std=0.2)
+    hgr_file.save_hgr(d / "text_random.safetensors", TextHGR(net, family="SD15", categories=["weapon"]))
+    wide = TextHGRConfig(embed_dim=e.shape[-1] * 2, tokens=e.shape[0], width=32, layers=1, heads=2)
+    hgr_file.save_hgr(d / "text_wide.safetensors", TextHGR(TextHGRNet(wide), family="OTHER"))
+    folder_paths.add_model_folder_path("hgr", str(d))
+    return d
+
+
+def load(name):
+    (h,) = node_out("HGRLoader", hgr_name=name)
+    return h
+
+
+def test_file_round_trip_and_validation(text_dir, tmp_path):
+    h = hgr_file.load_hgr(text_dir / "text_random.safetensors")
+    assert h.kind == "text" and h.family == "SD15" and h.categories == ["weapon"]
+    c = torch.randn(2, h.config.tokens * 2, h.config.embed_dim)
+    again = hgr_file.load_hgr(text_dir / "text_random.safetensors")
+    assert torch.equal(h.uncond(c), again.uncond(c))
+    with pytest.raises(hgr_file.HGRFileError, match="'SD15' text encoder but the model is 'SDXL'"):
+        hgr_file.load_hgr(text_dir / "text_random.safetensors", family="SDXL")
+    # a tampered shape is refused from the header, before any tensor is read
+    from safetensors.torch import load_file, save_file
+
+    from safecfg_pack.safecfg.hgr_file import read_header
+
+    _, meta = read_header(text_dir / "text_random.safetensors")
+    sd = load_file(str(text_dir / "text_random.safetensors"))
+    sd["empty"] = sd["empty"][:-1]
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(hgr_file.HGRFileError, match="tensor 'empty' has shape"):
+        hgr_file.load_hgr(tmp_path / "bad.safetensors")
+
+
+def test_untrained_text_hgr_is_the_identity_on_cfg(sd15, text_dir, pack):
+    """An untrained HGR returns the negative unchanged: guider and patch bit-identical to core CFG."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red knife"), encode(clip, "")
+    h = load("text_identity.safetensors")
+    ref = sample_guider(core_guider(model, pos, neg, 5.0), model, latent())
+    assert torch.equal(sample_guider(safe_guider(model, pos, neg, h), model, latent()), ref)
+    assert torch.equal(ksample(safe_patch(model, h), pos, neg), ksample(model, pos, neg))
+
+
+def test_text_hgr_replaces_the_negative_embedding_in_guider_and_patch(sd15, text_dir, pack):
+    """Inside the window the unconditional branch sees ``n + s * Delta(c)``: the guider equals core CFG
+    with that negative, the KSampler patch equals the guider, and the user's negative prompt is kept
+    as the base the correction is added to."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red knife"), encode(clip, "blurry")
+    h = load("text_random.safetensors")
+    red = h.redirector
+    want_neg = [[neg[0][0] + 0.7 * red.net.delta(pos[0][0]).detach(), dict(neg[0][1])]]
+    ref = sample_guider(core_guider(model, pos, want_neg, 5.0), model, latent())
+    got = sample_guider(safe_guider(model, pos, neg, h, strength=0.7), model, latent())
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (got - ref).abs().max()
+    plain = sample_guider(core_guider(model, pos, neg, 5.0), model, latent())
+    assert (got - plain).abs().max() > 1e-2 * plain.abs().max()
+    patched = ksample(safe_patch(model, h, strength=0.7), pos, neg)
+    want = ksample(model, pos, want_neg)
+    assert (patched - want).abs().max() <= 1e-5 * want.abs().max()
+    # outside the window the user's own negative is used: an empty window is plain CFG
+    assert torch.equal(ksample(safe_patch(model, h, start=0.5, end=0.5), pos, neg), ksample(model, pos, neg))
+
+
+def test_text_hgr_once_per_prompt_not_per_step(sd15, text_dir, pack, monkeypatch):
+    """``Delta(c)`` is computed once per run and prompt (never per sampling step) in the patch and the
+    guider."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red knife"), encode(clip, "")
+    h = load("text_random.safetensors")
+    calls = []
+    orig = h.redirector.net.delta
+
+    def counted(c):
+        calls.append(tuple(c.shape))
+        return orig(c)
+
+    monkeypatch.setattr(h.redirector.net, "delta", counted)
+    ksample(safe_patch(model, h), pos, neg, steps=6)
+    assert len(calls) == 1
+    calls.clear()
+    sample_guider(safe_guider(model, pos, neg, h), model, latent(), steps=6)
+    assert len(calls) == 1
+
+
+def test_text_hgr_for_another_encoder_is_refused_naming_node_and_widths(sd15, text_dir, pack):
+    model, clip, _ = sd15
+    h = load("text_wide.safetensors")
+    with pytest.raises(ValueError, match=r"HGRSafeCFGPatch: text HGR 'text_wide.safetensors' reads \d+-wide"):
+        safe_patch(model, h)
+
+
+def test_text_negative_node_feeds_a_stock_ksampler(sd15, text_dir, pack):
+    """`HGRTextNegative` gives HGR(c) as a CONDITIONING: a stock KSampler with it equals the patch; a
+    latent HGR is refused with the node's name and the fix."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red knife"), encode(clip, "")
+    h = load("text_random.safetensors")
+    (hneg,) = node_out("HGRTextNegative", positive=pos, negative=neg, hgr=h, strength=1.0)
+    want = ksample(safe_patch(model, h), pos, neg)
+    got = ksample(model, pos, hneg)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    (same,) = node_out("HGRTextNegative", positive=pos, negative=neg, hgr=h, strength=0.0)
+    assert torch.equal(same[0][0], neg[0][0])
+    (concept,) = node_out("HGRConceptRedirector", clip=clip, concepts="knife", threshold=0.2, push=0.0,
+                          mode="global")
+    with pytest.raises(ValueError, match="HGRTextNegative: .* not a text-embedding HGR"):
+        node_out("HGRTextNegative", positive=pos, negative=neg, hgr=concept, strength=1.0)
+
+
+def test_text_hgr_training_moves_towards_its_target_on_a_tiny_model(sd15, pack):
+    """Teacher states from the model's own trajectories, the target derived from CFG on the safe
+    rewrite, and a fit through the frozen denoiser: the validation loss falls below the identity's,
+    and the guided output at a harmful state moves towards plain CFG's on the rewrite."""
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg.prompts import PromptData
+    from safecfg_pack.safecfg.text_train import (
+        TextFitSpec,
+        TextStatesSpec,
+        build_states,
+        fit_text_hgr,
+        unconditional_target,
+    )
+
+    model, clip, _ = sd15
+    t = ComfyTeacher(model, clip, width=64, height=64)
+    # the target: CFG with it as the unconditional prediction equals CFG on the rewrite
+    d_c, d_s, d_e = torch.randn(3, 2, 4, 8, 8).unbind(0)
+    u = unconditional_target(d_c, d_s, d_e, 5.0)
+    assert torch.allclose(u + 5.0 * (d_c - u), d_e + 5.0 * (d_s - d_e), atol=1e-5)
+    assert torch.equal(unconditional_target(d_c, d_c, d_e, 5.0), d_e)
+    data = PromptData(harmful=["a red knife", "a blue skull", "a green knife on dots"],
+                      safe=["a red spoon", "a blue circle", "a green spoon on dots"],
+                      categories=["weapon", "gore", "weapon"], clean=["a red circle", "a star", "a moon"])
+    states = build_states(t, data, TextStatesSpec(states_per_trajectory=3, steps=6, batch=6))
+    assert states["x"].shape[0] == 18 and states["embeddings"].shape[0] == 6
+    e = t.empty_embedding()
+    cfg = TextHGRConfig(embed_dim=e.shape[-1], tokens=e.shape[0], width=32, layers=1, heads=2)
+    hgr, summary = fit_text_hgr(t, states, cfg, e, TextFitSpec(steps=60, batch=8, lr=2e-3, eval_every=20,
+                                                               val_fraction=0.0))
+    assert summary["val_loss"] < 0.8 * summary["identity_val_loss"], summary
+
