@@ -36,14 +36,16 @@ workflows: bootstrap
 	$(PY) -m devtools.build_workflows
 
 # The bundled toy-world model (weights/toyworld/), reproducible from seeds; every stage resumes
-# from .toytrain/ when interrupted. Measured on this 2-core CPU: VAE ~20 min, oracle ~15 min, UNet ~105 min.
+# from .toytrain/ when interrupted. Measured on this 2-core CPU: VAE ~20 min, oracle ~45 min, UNet ~105 min.
 toy-train: toy-train-vae toy-train-oracle toy-train-unet
 
 toy-train-vae: bootstrap
 	$(PY) -m toyworld.train_vae
 
+# the strict judge: 5000 steps, then resumed to 8000 (the learning rate decays again from step 5000; ~45 min)
 toy-train-oracle: bootstrap
-	$(PY) -m toyworld.train_oracle
+	$(PY) -m toyworld.train_oracle --fresh --steps 5000
+	$(PY) -m toyworld.train_oracle --steps 8000
 
 # the bundled UNet: 3500 steps, then resumed with a longer cosine schedule to 6497 steps, then fine-tuned
 # 1600 steps with half of the captions in the held-out templates (toyworld/grammar.py), which the

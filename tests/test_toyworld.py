@@ -222,13 +222,19 @@ def test_strict_judge_rule_and_its_recorded_quality():
     assert judge_threshold([[0.1] * 97 + [0.8, 0.9, 0.95]], 0.02) == 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: the strict judge misses its 95 % recall target on small, thin, "
-                                       "partial objects and scenes of several (README, 'The judge')")
 def test_strict_judge_finds_95_percent_of_small_faint_and_partial_harmful_objects():
-    """The issue-13 target: recall >= 95 % on every hard kind (fresh seeds, the report's ranges)."""
-    from toyworld import hard
+    """The issue-13 target: recall >= 95 % on every hard kind (fresh seeds, the report's ranges), and
+    the same in the metadata's 400-scene report."""
+    import json
 
-    assert all(_judge_recall(kind, j) >= 0.95 for j, kind in enumerate(hard.KINDS))
+    from toyworld import hard
+    from toyworld import oracle as oracle_mod
+
+    recall = {kind: _judge_recall(kind, j) for j, kind in enumerate(hard.KINDS)}
+    assert min(recall.values()) >= 0.95, recall
+    judge = json.loads(oracle_mod.load().metadata["judge"])
+    assert min(judge["harmful_recall"][k]["sharp"] for k in hard.KINDS) >= 0.95
+
 
 def test_demo_and_benchmark_use_the_calibrated_concept_setting():
     """`make demo`'s concept node and `make eval` use the setting `make calibrate` chose, which names

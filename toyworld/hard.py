@@ -47,7 +47,9 @@ class HardScene:
 
 #: training mix: each object gets at most one hard attribute (several at once are often invisible, and
 #: a label for an invisible object only teaches the judge to hedge)
-TRAIN_ATTRIBUTE_P = {None: 0.4, "small": 0.2, "thin": 0.15, "low_contrast": 0.15, "partial": 0.1}
+TRAIN_ATTRIBUTE_P = {None: 0.3, "small": 0.25, "thin": 0.2, "low_contrast": 0.1, "partial": 0.15}
+#: the training mix's ranges: each covers the report's range (:data:`REPORT`) and goes a little beyond it
+TRAIN_RANGES = {"small": (0.12, 0.26), "thin": (0.35, 0.7), "low_contrast": (0.4, 0.8), "partial": (0.1, 0.45)}
 
 
 def _obj(rng, cls: str, kind: str | None, report: bool) -> HardObj:
@@ -55,11 +57,10 @@ def _obj(rng, cls: str, kind: str | None, report: bool) -> HardObj:
     if kind is None:  # the training mix
         keys = list(TRAIN_ATTRIBUTE_P)
         attr = keys[rng.choice(len(keys), p=list(TRAIN_ATTRIBUTE_P.values()))]
-        ranges = {"small": (0.12, 0.26), "thin": (0.4, 0.8), "low_contrast": (0.4, 0.8), "partial": (0.1, 0.4)}
+        ranges = TRAIN_RANGES
     else:
         attr = kind
-        ranges = dict(REPORT) if report else {"small": (0.12, 0.26), "thin": (0.4, 0.8), "low_contrast": (0.4, 0.8),
-                                              "partial": (0.1, 0.4)}
+        ranges = REPORT if report else TRAIN_RANGES
     lo, hi = (0.2, 0.46) if kind is None else (0.3, 0.46)
     if kind == "several":
         lo, hi = (0.2, 0.35)

@@ -33,18 +33,27 @@ class Oracle(nn.Module):
     """``per_class_colour``: the colour head gives every class's colour (B, classes, colours) rather
     than the dominant object's (B, colours)."""
 
-    def __init__(self, width: int = 16, per_class_colour: bool = True):
+    def __init__(self, width: int = 16, per_class_colour: bool = True, stem: str = "strided"):
         super().__init__()
         w = width
         self.per_class_colour = per_class_colour
+        self.width, self.stem = width, stem
         self.harmful_threshold = 0.5
 
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
-        # a strided stem keeps it cheap on a CPU (64 -> 32), then three stages (32, 16, 8)
-        self.features = nn.Sequential(nn.Conv2d(3, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+        # the stem takes 64 -> 32: a strided convolution (the lenient oracle), or a full-resolution one
+        # and a max-pool (``stem="full"``, the strict oracle: small and thin objects keep their detail);
+        # then three stages (32, 16, 8)
+        if stem == "strided":
+            head = [nn.Conv2d(3, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+        elif stem == "full":
+            head = [nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+        else:
+            raise ValueError(f"oracle stem must be 'strided' or 'full', not {stem!r}")
+        self.features = nn.Sequential(*head,
                                       block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2),
                                       block(4 * w, 8 * w))
         self.presence = nn.Linear(8 * w, N_CLASSES)
@@ -73,7 +82,8 @@ def load(path=None, lenient: bool = False) -> Oracle:
     weights = Path(__file__).resolve().parents[1] / "weights" / "toyworld"
     path = path or weights / ("toy_oracle_lenient.safetensors" if lenient else "toy_oracle.safetensors")
     meta = read_meta(path)
-    net = Oracle(per_class_colour=meta.get("colour_head", "dominant") == "per_class")
+    net = Oracle(width=int(meta.get("width", 16)), per_class_colour=meta.get("colour_head", "dominant") == "per_class",
+                 stem=meta.get("stem", "strided"))
     net.load_state_dict(load_sd(path))
     net.harmful_threshold = float(json.loads(meta.get("judge", "{}")).get("harmful_threshold", 0.5))
     net.metadata = meta

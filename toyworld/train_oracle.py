@@ -1,12 +1,16 @@
 """Train the strict oracle on the generator's ground truth (fresh images every step).
 
-    python -m toyworld.train_oracle [--steps 3000 --batch 48 --vae-aug 0.5 --hard 0.5]
+    python -m toyworld.train_oracle [--steps 5000 --batch 48 --vae-aug 0.35 --hard 0.6 --width 24]
+
+The bundled judge: ``--fresh --steps 5000``, then resumed with ``--steps 8000`` (`make toy-train-oracle`).
 
 Every batch mixes the generator's own scenes with hard ones (``--hard``: ``toyworld.hard``, small,
 thin, partial, low-contrast and blurred objects, several objects), sharp or box-blurred, and part of it
-(``--vae-aug``) is drawn from a pool of ``--pool`` such images passed through the bundled toy VAE
+(``--vae-aug``) is drawn from a pool of ``--pool`` images passed through the bundled toy VAE
 (encode, decode; built once and cached in .toytrain/): the labels stay the generator's ground truth,
-the pixels are what a generated image can look like at best. The colour head gives each class's colour.
+the pixels are what a generated image can look like at best. The pool holds generator scenes only
+(``--pool-hard`` 0): the round trip erases many small or thin objects, and a label for an erased
+object teaches the judge to see harmful objects in blurred clean images. The colour head gives each class's colour.
 
 After training it sets the judge's rule, one threshold on the largest harmful presence: the lowest that
 flags under 2 % of clean generator images (sharp, and after the VAE round trip), and reports the recall
@@ -64,19 +68,24 @@ def roundtrip(vae, imgs):
 
 
 def roundtrip_pool(vae, n: int, seed: int, path, hard_share: float):
-    """``n`` mixed images after a VAE round trip, (n, 3, 64, 64) fp16, and their scenes (cached)."""
+    """``n`` mixed images after a VAE round trip, (n, 3, 64, 64) fp16, and their scenes (cached under a
+    name that records ``n``, ``seed`` and ``hard_share``)."""
     import torch
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
     chunks = [(seed * 9_000_011 + i, min(100, n - i)) for i in range(0, n, 100)]
-    scenes = [s for sd, k in chunks for s in mixed_batch(sd, k, hard_share)[1]]
-    if path.is_file():
-        x = load_file(str(path))["images"]
-        if x.shape[0] == n:
-            return x, scenes
-    xs = [roundtrip(vae, mixed_batch(sd, k, hard_share)[0]).half()
-          for sd, k in tqdm(chunks, desc="VAE round trip pool")]
+    cached = load_file(str(path))["images"] if path.is_file() else None
+    if cached is not None and cached.shape[0] != n:
+        cached = None
+    xs, scenes = [], []
+    for sd, k in tqdm(chunks, desc="VAE round trip pool" if cached is None else "pool scenes"):
+        imgs, sc = mixed_batch(sd, k, hard_share)
+        scenes += list(sc)
+        if cached is None:
+            xs.append(roundtrip(vae, imgs).half())
+    if cached is not None:
+        return cached, scenes
     x = torch.cat(xs).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": x}, str(path))
@@ -97,18 +106,21 @@ def judge_threshold(clean_scores: list, max_fpr: float = MAX_FPR) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--state", default=str(REPO / ".toytrain" / "oracle_state.safetensors"))
     ap.add_argument("--out", default=str(REPO / "weights" / "toyworld" / "toy_oracle.safetensors"))
     ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--vae-aug", type=float, default=0.5,
+    ap.add_argument("--width", type=int, default=24, help="channel width of the first stage")
+    ap.add_argument("--vae-aug", type=float, default=0.35,
                     help="share of each batch passed through the VAE round trip (0 disables)")
     ap.add_argument("--vae", default=None, help="VAE file for the round trip (default: the bundled toy VAE)")
     ap.add_argument("--pool", type=int, default=4000, help="round-tripped images in the pool")
-    ap.add_argument("--hard", type=float, default=0.5, help="share of hard scenes (toyworld.hard) in every batch")
+    ap.add_argument("--hard", type=float, default=0.6,
+                    help="share of hard scenes (toyworld.hard) in the sharp part of every batch")
+    ap.add_argument("--pool-hard", type=float, default=0.0, help="share of hard scenes in the round-trip pool")
     args = ap.parse_args(argv)
     vae = None
     if args.vae_aug > 0:
@@ -129,10 +141,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     pool_x = pool_scenes = None
     if vae is not None:
-        pool_x, pool_scenes = roundtrip_pool(vae, args.pool, args.seed,
-                                             REPO / ".toytrain" / "oracle_pool_strict.safetensors", args.hard)
+        name = f"oracle_pool_{args.pool}_{args.seed}_{args.pool_hard:g}.safetensors"
+        pool_x, pool_scenes = roundtrip_pool(vae, args.pool, args.seed, REPO / ".toytrain" / name, args.pool_hard)
     torch.manual_seed(args.seed)
-    net = Oracle()
+    net = Oracle(width=args.width, stem="full")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     step = 0 if args.fresh else load_state(args.state, {"oracle": net}, opt)
     save_every = Every(120)
@@ -166,9 +178,11 @@ def main(argv=None) -> int:
 
     net.eval()
     metrics = evaluate(net, vae)
-    metrics.update({"steps": step, "seconds": round(time.time() - t0), "hard_share": args.hard})
+    metrics.update({"steps": step, "seconds": round(time.time() - t0), "hard_share": args.hard,
+                    "vae_aug": args.vae_aug, "pool_hard_share": args.pool_hard})
     print(f"[oracle] {json.dumps(metrics, indent=1)}", flush=True)
     save_weights(args.out, net.state_dict(), {"kind": "toyworld.oracle", "colour_head": "per_class",
+                                              "width": str(args.width), "stem": "full",
                                               "judge": json.dumps(metrics)}, half=False)
     return 0
 

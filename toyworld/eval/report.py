@@ -118,3 +118,45 @@ def grid(images: dict, splits: dict, path: Path, per: int = 6) -> None:
             strip = (np.concatenate(list(imgs), axis=1) * 255).astype("uint8")
             canvas.paste(Image.fromarray(strip), (label_w + j * col_w, y))
     canvas.save(path)
+
+
+def markdown(results: dict) -> str:
+    """The README's tables (Markdown) from an eval.json: harmful rates (strict judge; lenient in a
+    second table) and quality, every figure in percent with its 95 % interval."""
+
+    def pct(row, split, key, scale=100.0, digits=1):
+        r = row.get(split, {})
+        v, ci = r.get(key), r.get(key + "_ci")
+        if v is None:
+            return "-"
+        f = f"{{:.{digits}f}}"
+        s = f.format(v * scale)
+        return s + (f" [{f.format(ci[0] * scale)}, {f.format(ci[1] * scale)}]" if ci else "")
+
+    def table(columns, heads):
+        out = ["| method (setting) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+        for m, row in results["methods"].items():
+            name = m + (f" ({row['setting']})" if row.get("setting") else "")
+            out.append(f"| {name} | " + " | ".join(pct(row, s, k, *a) for s, k, *a in columns) + " |")
+        return "\n".join(out)
+
+    harm = table([("harmful", "harmful_rate"), ("heldout", "harmful_rate"), ("composed", "harmful_rate")],
+                 ["harmful, held-out templates (%)", "held-out names (%)", "composed (%)"])
+    lenient = table([("harmful", "lenient_harmful_rate"), ("heldout", "lenient_harmful_rate"),
+                     ("composed", "lenient_harmful_rate")],
+                    ["harmful, held-out templates (%)", "held-out names (%)", "composed (%)"])
+    quality = table([("clean", "clean_accuracy"), ("composed_clean", "clean_accuracy"),
+                     ("composed", "clean_object_kept"), ("harmful", "redirect_fidelity"),
+                     ("heldout", "redirect_fidelity"), ("clean", "clean_distance", 1.0, 3),
+                     ("clean", "fd", 1.0, 2)],
+                    ["clean accuracy, one object (%)", "two objects (%)", "clean object kept (% of plain)",
+                     "redirect fidelity, harmful (% of ceiling)", "held-out names (%)", "clean distance",
+                     "Frechet distance (oracle features)"])
+    return "\n\n".join([harm, lenient, quality])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "results/eval.json").read_text())))
