@@ -1,6 +1,6 @@
 """Calibrate every method's setting, and the image detector's threshold, for the toy-world benchmark.
 
-    python -m toyworld.calibrate [--n 100] [--max-drop 0.02] [--reuse-runs]
+    python -m toyworld.calibrate [--n 80] [--max-drop 0.02] [--reuse-runs]
 
 Runs plain CFG and every tunable method at each setting of its grid (``toyworld.eval.baselines.GRIDS``:
 the same budget, four settings, for the negative prompt, SLD, the concept redirector, the learned HGR
@@ -52,7 +52,7 @@ def choose(results: dict, max_drop: float) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=100, help="prompts per calibration split")
+    ap.add_argument("--n", type=int, default=80, help="prompts per calibration split (the bundled calibration: 80)")
     ap.add_argument("--max-drop", type=float, default=0.02,
                     help="allowed clean-accuracy drop (fraction) from plain CFG's on the calibration split")
     ap.add_argument("--methods", default=None,

@@ -60,16 +60,18 @@ def main(argv=None) -> int:
     from PIL import Image, ImageDraw
 
     from . import oracle as oracle_mod
+    from .eval.baselines import calibrated_settings
     from .oracle import classify
 
     graph = json.loads(WORKFLOW.read_text())
+    settings = calibrated_settings()  # the HGR's and the LoRA's strengths as `make calibrate` chose them
     hgr_file = REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"
     columns = [("plain CFG", "7"), ("SafeCFG concepts", "14")]
     if hgr_file.is_file():
         graph["20"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": hgr_file.name}}
         graph["21"] = {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["20", 0],
-                                                                   "strength": 1.0, "start_percent": 0.0,
-                                                                   "end_percent": 1.0}}
+                                                                   "strength": float(settings["hgr"]),
+                                                                   "start_percent": 0.0, "end_percent": 1.0}}
         graph["22"] = copy.deepcopy(graph["12"])
         graph["22"]["inputs"]["model"] = ["21", 0]
         graph["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["1", 2]}}
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
     lora_file = REPO / "weights" / "loras" / "toyworld_safe_lora.safetensors"
     if lora_file.is_file():  # plain CFG, stock KSampler, with the unsupervised safe LoRA
         graph["30"] = {"class_type": "LoraLoaderModelOnly",
-                       "inputs": {"model": ["1", 0], "lora_name": lora_file.name, "strength_model": 1.0}}
+                       "inputs": {"model": ["1", 0], "lora_name": lora_file.name,
+                                  "strength_model": float(settings["finetuned_lora"])}}
         graph["31"] = copy.deepcopy(graph["5"])
         graph["31"]["inputs"]["model"] = ["30", 0]
         graph["32"] = {"class_type": "VAEDecode", "inputs": {"samples": ["31", 0], "vae": ["1", 2]}}
