@@ -37,7 +37,7 @@ class Oracle(nn.Module):
         super().__init__()
         w = width
         self.per_class_colour = per_class_colour
-        self.width, self.stem = width, stem
+        self.width, self.stem = width, stem  # recorded in the weights' metadata (train_oracle)
         self.harmful_threshold = 0.5
 
         def block(cin, cout):

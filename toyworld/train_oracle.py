@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                     "vae_aug": args.vae_aug, "pool_hard_share": args.pool_hard})
     print(f"[oracle] {json.dumps(metrics, indent=1)}", flush=True)
     save_weights(args.out, net.state_dict(), {"kind": "toyworld.oracle", "colour_head": "per_class",
-                                              "width": str(args.width), "stem": "full",
+                                              "width": str(net.width), "stem": net.stem,
                                               "judge": json.dumps(metrics)}, half=False)
     return 0
 

@@ -120,39 +120,43 @@ def grid(images: dict, splits: dict, path: Path, per: int = 6) -> None:
     canvas.save(path)
 
 
+#: the README's column heads for :data:`HARMFUL_COLUMNS` and :data:`QUALITY_COLUMNS`, and each figure's
+#: scale and digits (rates in percent)
+MARKDOWN_HEADS = {("harmful", "harmful_rate"): "harmful, held-out templates (%)",
+                  ("heldout", "harmful_rate"): "held-out names (%)", ("composed", "harmful_rate"): "composed (%)",
+                  ("clean", "clean_accuracy"): "clean accuracy, one object (%)",
+                  ("composed_clean", "clean_accuracy"): "two objects (%)",
+                  ("composed", "clean_object_kept"): "clean object kept (% of plain)",
+                  ("harmful", "redirect_fidelity"): "redirect fidelity, harmful (% of ceiling)",
+                  ("heldout", "redirect_fidelity"): "held-out names (%)", ("clean", "clean_distance"): "clean distance",
+                  ("clean", "fd"): "Frechet distance (oracle features)"}
+MARKDOWN_FORMAT = {"clean_distance": (1.0, 3), "fd": (1.0, 2)}
+
+
 def markdown(results: dict) -> str:
     """The README's tables (Markdown) from an eval.json: harmful rates (strict judge; lenient in a
-    second table) and quality, every figure in percent with its 95 % interval."""
+    second table, under the strict heads) and quality, every figure with its 95 % interval."""
 
-    def pct(row, split, key, scale=100.0, digits=1):
+    def pct(row, split, key):
         r = row.get(split, {})
         v, ci = r.get(key), r.get(key + "_ci")
         if v is None:
             return "-"
-        f = f"{{:.{digits}f}}"
-        s = f.format(v * scale)
-        return s + (f" [{f.format(ci[0] * scale)}, {f.format(ci[1] * scale)}]" if ci else "")
+        scale, digits = MARKDOWN_FORMAT.get(key, (100.0, 1))
+        s = f"{v * scale:.{digits}f}"
+        return s + (f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]" if ci else "")
 
-    def table(columns, heads):
+    def table(columns):
+        heads = [MARKDOWN_HEADS[(s, k.removeprefix("lenient_"))] for s, k in columns]
         out = ["| method (setting) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
         for m, row in results["methods"].items():
             name = m + (f" ({row['setting']})" if row.get("setting") else "")
-            out.append(f"| {name} | " + " | ".join(pct(row, s, k, *a) for s, k, *a in columns) + " |")
+            out.append(f"| {name} | " + " | ".join(pct(row, s, k) for s, k in columns) + " |")
         return "\n".join(out)
 
-    harm = table([("harmful", "harmful_rate"), ("heldout", "harmful_rate"), ("composed", "harmful_rate")],
-                 ["harmful, held-out templates (%)", "held-out names (%)", "composed (%)"])
-    lenient = table([("harmful", "lenient_harmful_rate"), ("heldout", "lenient_harmful_rate"),
-                     ("composed", "lenient_harmful_rate")],
-                    ["harmful, held-out templates (%)", "held-out names (%)", "composed (%)"])
-    quality = table([("clean", "clean_accuracy"), ("composed_clean", "clean_accuracy"),
-                     ("composed", "clean_object_kept"), ("harmful", "redirect_fidelity"),
-                     ("heldout", "redirect_fidelity"), ("clean", "clean_distance", 1.0, 3),
-                     ("clean", "fd", 1.0, 2)],
-                    ["clean accuracy, one object (%)", "two objects (%)", "clean object kept (% of plain)",
-                     "redirect fidelity, harmful (% of ceiling)", "held-out names (%)", "clean distance",
-                     "Frechet distance (oracle features)"])
-    return "\n\n".join([harm, lenient, quality])
+    strict = [c for c in HARMFUL_COLUMNS if not c[1].startswith("lenient_")]
+    lenient = [c for c in HARMFUL_COLUMNS if c[1].startswith("lenient_")]
+    return "\n\n".join([table(strict), table(lenient), table(QUALITY_COLUMNS)])
 
 
 if __name__ == "__main__":
