@@ -70,6 +70,8 @@ def main(argv=None) -> int:
             labels = [bool(raw["harmful"][p]) for p in prompts]
     else:
         hgr = load_hgr(hgr_path)
+        if getattr(hgr, "kind", "") == "text":
+            raise SystemExit(f"{hgr_path} is a text HGR; the safe fine-tune scores and redirects with a latent HGR")
     spec = FinetuneSpec(rank=args.rank, steps=args.steps, states_per_trajectory=args.states, seed=args.seed,
                         threshold=(hgr.detect_threshold or 0.5) if hgr is not None else 0.5)
     summary = run_finetune(mp, clip, prompts, Path(args.out), spec, redirector=hgr, harmful_labels=labels,

@@ -34,6 +34,13 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=None,
                     help="HGR width (latent: base width, default 64 = 2.4 M parameters; text: the Transformer's "
                          "width, default 256)")
+    ap.add_argument("--on-policy-rounds", type=int, default=0,
+                    help="text kind: rounds of on-policy teacher states (sampled with the HGR fitted so far), each "
+                         "followed by a fit from the current weights")
+    ap.add_argument("--round-fit-steps", type=int, default=None, help="fit steps per on-policy round (default: "
+                                                                      "half of --fit-steps)")
+    ap.add_argument("--init", default=None, help="text kind: an already fitted text HGR file to start the on-policy "
+                                                 "rounds from (skips the first fit)")
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--num-shards", type=int, default=1, help="split cache building across processes")
     ap.add_argument("--seed", type=int, default=0)
@@ -73,36 +80,20 @@ def main(argv=None) -> int:
 
 
 def _train_text(args, teacher, mp, data, out: Path, base: str, cache_dir: Path, progress) -> int:
-    import os
+    from safecfg_pack.safecfg.hgr_file import load_hgr
+    from safecfg_pack.safecfg.text_train import TextFitSpec, TextStatesSpec, train_text_hgr
 
-    from safetensors.torch import load_file, save_file
-
-    from safecfg_pack.safecfg.hgr_file import save_hgr
-    from safecfg_pack.safecfg.teacher_cache import cache_metadata, digest
-    from safecfg_pack.safecfg.text_hgr import TextHGRConfig
-    from safecfg_pack.safecfg.text_train import TextFitSpec, TextStatesSpec, build_states, fit_text_hgr
-
-    spec = TextStatesSpec(steps=args.steps, cfg=args.cfg, seed=args.seed)
-    fp = digest({"spec": spec.__dict__, "data": data.__dict__, "model": teacher.fingerprint()})
-    states_file = cache_dir / "text_states.safetensors"
-    if states_file.is_file() and cache_metadata(states_file).get("fingerprint") == fp:
-        states = load_file(str(states_file))
-    else:
-        states = build_states(teacher, data, spec, progress=lambda d, t: progress("teacher states", d, t))
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = states_file.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in states.items()}, str(tmp), metadata={"fingerprint": fp})
-        os.replace(tmp, states_file)
-    mp.model.requires_grad_(False)  # the denoiser is frozen: gradients reach the HGR only
-    empty = teacher.empty_embedding()
-    config = TextHGRConfig(embed_dim=int(empty.shape[-1]), tokens=int(empty.shape[0]), width=args.width or 256)
-    family = type(mp.model.model_config).__name__
-    hgr, summary = fit_text_hgr(teacher, states, config, empty,
-                                TextFitSpec(steps=args.fit_steps, seed=args.seed), family=family,
-                                categories=data.category_names,
-                                progress=lambda s, t, loss: progress("fit", s, t))
-    summary.update(kind="text", states=int(states["x"].shape[0]), cfg=args.cfg, data=str(args.data or "toyworld"))
-    save_hgr(out, hgr, base_model=base, training=summary)
+    init = None
+    if args.init:
+        init = load_hgr(args.init)
+        if getattr(init, "kind", "") != "text":
+            raise SystemExit(f"--init {args.init} is not a text HGR")
+    _, summary = train_text_hgr(teacher, data, cache_dir, out, spec=TextStatesSpec(steps=args.steps, cfg=args.cfg,
+                                                                                    seed=args.seed),
+                                fit_spec=TextFitSpec(steps=args.fit_steps, seed=args.seed), width=args.width or 256,
+                                base_model=base, family=type(mp.model.model_config).__name__, progress=progress,
+                                on_policy_rounds=args.on_policy_rounds, round_fit_steps=args.round_fit_steps,
+                                init=init, notes={"data": str(args.data or "toyworld")})
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     print(f"wrote {out}")
     return 0

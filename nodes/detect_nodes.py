@@ -11,14 +11,16 @@ from comfy_api.latest import io, ui
 from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..safecfg.detect import ACTIONS, Detection, apply_action, detect, level_percents
+from ..safecfg.text_hgr import TextHGRScorer
 from .hgr_type import HGRHandle, HGRType
+from .sampling import text_negative
 
 CATEGORY = "SafeCFG"
 DetectionType = io.Custom("HGR_DETECTION")
 # Used when the threshold is left on auto and the redirector carries no calibrated one. Not calibrated:
 # a neutral fallback. `make calibrate` records a calibrated threshold in an HGR file (the bundled toy
 # HGR has one); for another model, calibrate on its own images or set the threshold by hand.
-DEFAULT_THRESHOLD = {"learned": 0.5, "concept": 0.5}
+DEFAULT_THRESHOLD = {"learned": 0.5, "concept": 0.5, "text": 0.5}
 
 
 def select_rows(conditioning: list, rows: torch.Tensor, n_images: int, node: str, what: str) -> list:
@@ -67,6 +69,15 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
         raise ValueError(f"{node}: expected an IMAGE batch (B, H, W, 3), got shape {tuple(images.shape)}")
     hgr.check_model(model, node)
     red = hgr.redirector
+    uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    concepts = list(hgr.concept_conds)
+    if getattr(red, "kind", "") == "text":  # the paper's form: its distance on the scores, with the prompt
+        if positive is None:
+            raise ValueError(f"{node}: text HGR '{hgr.name}' reads the prompt, so it scores images only with "
+                             "their prompt: connect 'positive' (the prompt the images were made with), or use a "
+                             "latent HGR, which also scores images without one.")
+        concepts = [text_negative(hgr, positive, uncond, 1.0)]
+        red = TextHGRScorer(red)
     if threshold <= 0:
         threshold = getattr(red, "detect_threshold", None) or DEFAULT_THRESHOLD.get(red.kind, 0.5)
     n = images.shape[0]
@@ -75,7 +86,6 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
                       with_prompt=positive is not None, threshold=threshold)
     if min(images.shape[1], images.shape[2]) < 8:
         raise ValueError(f"{node}: images must be at least 8x8 pixels, got {images.shape[2]}x{images.shape[1]}")
-    uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     ms = model.get_model_object("model_sampling")
     sigmas = [float(ms.percent_to_sigma(p)) for p in level_percents(noise_levels)]
     zs = []
@@ -89,7 +99,7 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
     comfy.model_management.load_models_gpu([model])
     model.pre_run()
     try:
-        predict = make_predict(model, uncond, positive, list(hgr.concept_conds), n, node)
+        predict = make_predict(model, uncond, positive, concepts, n, node)
 
         def scale(s, nz, x0):
             return ms.noise_scaling(s.to(x0.device), nz.to(x0.device), x0)

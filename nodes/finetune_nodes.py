@@ -28,7 +28,7 @@ from ..safecfg.finetune import (
 from ..safecfg.lora import inject_lora, remove_lora, save_lora, train_lora
 from ..safecfg.teacher_cache import cache_metadata
 from .hgr_type import HGRHandle, HGRType
-from .teacher import ComfyTeacher
+from .teacher import ComfyTeacher, swap_inference_params
 
 log = logging.getLogger("SafeCFG")
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
     with torch.inference_mode(False):
         # weights loaded inside ComfyUI's executor are inference tensors, which autograd cannot use:
         # train against plain copies, put the originals back afterwards
-        swapped = _swap_inference_params(unet)
+        swapped = swap_inference_params(unet)
         loras = inject_lora(unet, rank=spec.rank, seed=spec.seed)
     mp.pre_run()
     try:
@@ -142,16 +142,6 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
         mp.cleanup()
     return {**summary, "samples": int(data["x"].shape[0]), "mean_score": float(data["score"].mean()),
             "path": str(out_path)}
-
-
-def _swap_inference_params(root: torch.nn.Module) -> list:
-    swapped = []
-    for module in root.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.is_inference():
-                module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
-                swapped.append((module, name, p))
-    return swapped
 
 
 class HGRSafeFinetune(io.ComfyNode):
@@ -200,6 +190,9 @@ class HGRSafeFinetune(io.ComfyNode):
         if hgr.concept_conds:
             raise ValueError(f"{node}: fine-tuning needs a learned HGR (its redirection does not depend on extra "
                              "concept rows). Load one with HGRLoader or train one with HGRTrain.")
+        if getattr(hgr.redirector, "kind", "") == "text":
+            raise ValueError(f"{node}: '{hgr.name}' is a text HGR; the safe fine-tune scores and redirects with a "
+                             "latent HGR (the bundled toyworld_hgr.safetensors, or HGRTrain with kind 'latent').")
         name = Path(filename).name.strip()
         if not name or name != filename.strip() or name.startswith("."):
             raise ValueError(f"{node}: filename {filename!r} must be a plain file name such as 'safe_lora'")

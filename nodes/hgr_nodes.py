@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..safecfg.hgr_file import HGRFileError, load_hgr
 from ..safecfg.redirect import DEFAULT_CONCEPTS, ConceptRedirector
-from .hgr_type import HGRHandle, HGRType
+from .hgr_type import HGRHandle, HGRType, handle_for
 
 CATEGORY = "SafeCFG"
 FOLDER = "hgr"
@@ -24,13 +24,22 @@ def register_folder(pack_weights: str) -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
 
 
-def parse_concepts(text: str, node: str = "HGRConceptRedirector") -> tuple[list[str], list[str]]:
-    """One concept per non-empty line, optionally ``category: text``. Returns (categories, texts)."""
-    cats, texts = [], []
+def parse_concept_lines(text: str, node: str = "HGRConceptRedirector") -> tuple[list[str], list[str],
+                                                                                  list[str | None]]:
+    """One concept per non-empty line, optionally ``category: text`` and optionally ``-> safe text``
+    (what the concept is replaced by, e.g. ``weapon: knife, dagger -> spoon``). Returns (categories,
+    texts, replacement texts or None)."""
+    cats, texts, targets = [], [], []
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        body_all, arrow, target = line.rpartition("->")
+        if arrow:
+            line, target = body_all.strip(), target.strip()
+            if not line or not target:
+                raise ValueError(f"{node}: concept line {raw.strip()!r} has an empty side of '->'. Write "
+                                 "'category: harmful words -> safe words', e.g. 'weapon: knife, dagger -> spoon'.")
         cat, sep, body = line.partition(":")
         if sep and body.strip() and " " not in cat.strip():
             cats.append(cat.strip())
@@ -38,9 +47,16 @@ def parse_concepts(text: str, node: str = "HGRConceptRedirector") -> tuple[list[
         else:
             cats.append(f"concept {len(texts) + 1}")
             texts.append(line)
+        targets.append(target if arrow else None)
     if not texts:
         raise ValueError(f"{node}: 'concepts' is empty. Write one harmful concept per line, e.g. "
                          "'violence: blood, gore'.")
+    return cats, texts, targets
+
+
+def parse_concepts(text: str, node: str = "HGRConceptRedirector") -> tuple[list[str], list[str]]:
+    """One concept per non-empty line, optionally ``category: text``. Returns (categories, texts)."""
+    cats, texts, _ = parse_concept_lines(text, node)
     return cats, texts
 
 
@@ -76,11 +92,7 @@ class HGRLoader(io.ComfyNode):
             hgr = load_hgr(path)
         except HGRFileError as e:
             raise ValueError(f"HGRLoader: {e}") from None
-        if getattr(hgr, "kind", "") == "text":  # the paper's form: acts on the text embedding
-            return io.NodeOutput(HGRHandle(hgr, name=hgr_name, categories=hgr.categories,
-                                           text_width=hgr.config.embed_dim, text_family=hgr.family))
-        return io.NodeOutput(HGRHandle(hgr, name=hgr_name, latent_format=hgr.latent_format,
-                                       latent_channels=hgr.config.latent_channels, categories=hgr.categories))
+        return io.NodeOutput(handle_for(hgr, hgr_name))
 
 
 class HGRConceptRedirector(io.ComfyNode):
@@ -95,8 +107,11 @@ class HGRConceptRedirector(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder of the model you sample with."),
                 io.String.Input("concepts", multiline=True, default=DEFAULT_CONCEPTS,
-                                tooltip="One harmful concept per line, optionally 'category: words'. Each line costs "
-                                        "one extra batch row per step; group synonyms on one line."),
+                                tooltip="One harmful concept per line, optionally 'category: words', and optionally "
+                                        "'-> safe words' to steer towards a named safe concept instead of only "
+                                        "erasing (e.g. 'weapon: knife, dagger -> spoon'). Each line and each "
+                                        "distinct safe concept costs one extra batch row per step; group synonyms "
+                                        "on one line."),
                 io.Float.Input("threshold", default=0.2, min=-1.0, max=1.0, step=0.01,
                                tooltip="Cosine between the guidance and a concept direction above which "
                                        "redirection starts. Lower = stricter (more false positives on clean "
@@ -126,8 +141,10 @@ class HGRConceptRedirector(io.ComfyNode):
         if clip is None:
             raise ValueError("HGRConceptRedirector: no CLIP connected. Connect the checkpoint's CLIP output; "
                              "a checkpoint without a text encoder cannot give concept directions.")
-        cats, texts = parse_concepts(concepts)
-        conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in texts]
+        cats, texts, targets = parse_concept_lines(concepts)
+        safe = list(dict.fromkeys(t for t in targets if t is not None))  # each safe concept is one row
+        conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in texts + safe]
         red = ConceptRedirector(len(texts), tau=threshold, push=push, patch=4 if mode == "patch" else 0, names=texts,
-                                push_tau=push_threshold, memory=float(push_memory or 0.0))
+                                push_tau=push_threshold, memory=float(push_memory or 0.0),
+                                targets=[None if t is None else safe.index(t) for t in targets], num_safe=len(safe))
         return io.NodeOutput(HGRHandle(red, name=f"concepts ({len(texts)})", concept_conds=conds, categories=cats))

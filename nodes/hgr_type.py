@@ -53,3 +53,12 @@ class HGRHandle:
             raise ValueError(f"{node}: HGR '{self.name}' was trained for the {self.latent_format} latent family but "
                              f"the model is {fam}. Load an HGR trained for this model family, train one with "
                              "HGRTrain, or use HGRConceptRedirector, which works with any model.")
+
+
+def handle_for(hgr, name: str) -> HGRHandle:
+    """The ``HGR`` wire value for a loaded learned HGR file (latent or text kind)."""
+    if getattr(hgr, "kind", "") == "text":  # the paper's form: acts on the text embedding
+        return HGRHandle(hgr, name=name, categories=hgr.categories, text_width=hgr.config.embed_dim,
+                         text_family=hgr.family)
+    return HGRHandle(hgr, name=name, latent_format=hgr.latent_format, latent_channels=hgr.config.latent_channels,
+                     categories=hgr.categories)

@@ -62,9 +62,15 @@ class ComfyTeacher:
         ms = self.mp.get_model_object("model_sampling")
         return float(ms.sigma_min), float(ms.sigma_max)
 
-    def trajectories(self, prompts, seed, steps, cfg):
+    def trajectories(self, prompts, seed, steps, cfg, negatives=None):
+        """Plain-CFG trajectories of ``prompts``; ``negatives`` (B, T, D), if given, are the
+        unconditional branch's text embeddings instead of the empty prompt's (a text HGR's, for
+        on-policy teacher states)."""
         guider = comfy.samplers.CFGGuider(self.mp)
-        guider.set_conds(self.batch_cond(prompts), self.batch_cond([""] * len(prompts)))
+        uncond = self.batch_cond([""] * len(prompts))
+        if negatives is not None:
+            uncond = [[negatives.to(uncond[0][0].dtype), dict(uncond[0][1])]]
+        guider.set_conds(self.batch_cond(prompts), uncond)
         guider.set_cfg(cfg)
         lat = torch.zeros(len(prompts), self.latent_channels, self.height // 8, self.width // 8)
         noise = comfy.sample.prepare_noise(lat, seed)
@@ -124,3 +130,16 @@ class ComfyTeacher:
             return comfy.samplers.calc_cond_batch(mp.model, conds, x, sigma, mp.model_options)[0].float()
         finally:
             mp.cleanup()
+
+
+def swap_inference_params(root: torch.nn.Module) -> list:
+    """Replace every inference-mode parameter of ``root`` (weights loaded inside ComfyUI's executor)
+    by a plain frozen copy, which autograd can differentiate through; returns what to put back:
+    ``for module, name, original in swapped: module._parameters[name] = original``."""
+    swapped = []
+    for module in root.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_inference():
+                module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                swapped.append((module, name, p))
+    return swapped

@@ -9,15 +9,17 @@ from pathlib import Path
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..safecfg.hgr_net import HGRConfig
 from ..safecfg.prompts import PromptData
 from ..safecfg.teacher_cache import CacheSpec
+from ..safecfg.text_train import TextFitSpec, TextStatesSpec, train_text_hgr
 from ..safecfg.train import FitSpec, train_hgr
 from .hgr_nodes import FOLDER
-from .hgr_type import HGRHandle, HGRType
-from .teacher import ComfyTeacher
+from .hgr_type import HGRType, handle_for
+from .teacher import ComfyTeacher, swap_inference_params
 
 CATEGORY = "SafeCFG"
 PACK_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -50,12 +52,18 @@ class HGRTrain(io.ComfyNode):
                 io.Int.Input("fit_steps", default=3000, min=10, max=100000,
                              tooltip="Optimiser steps for fitting (early stopping may end sooner). 2000-5000."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for trajectories and fitting."),
+                io.Combo.Input("kind", options=["latent", "text"], default="latent", optional=True,
+                               tooltip="latent: a network on the CFG direction in latent space. text: the paper's "
+                                       "form, a Transformer over the prompt's text embedding whose output replaces "
+                                       "the empty prompt in CFG's unconditional branch (computed once per prompt, "
+                                       "free per step; also usable through HGR Text Negative with a stock "
+                                       "KSampler)."),
             ],
             outputs=[HGRType.Output(display_name="HGR", tooltip="The trained HGR, ready for the guider or patch.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, data, filename, image_size, fit_steps, seed) -> io.NodeOutput:
+    def execute(cls, model, clip, data, filename, image_size, fit_steps, seed, kind="latent") -> io.NodeOutput:
         path = Path(data) if os.path.isabs(data) else PACK_DATA / data
         try:
             prompts = PromptData.load(path)
@@ -72,18 +80,35 @@ class HGRTrain(io.ComfyNode):
 
         def progress(stage, done, total):
             frac = done / max(1, total)
-            bar.update_absolute(int(70 * frac) if stage == "cache" else 70 + int(30 * frac), 100)
+            bar.update_absolute(int(70 * frac) if stage in ("cache", "teacher states") else 70 + int(30 * frac), 100)
 
         def should_stop():
             comfy.model_management.throw_exception_if_processing_interrupted()
             return False
 
+        if kind == "text":
+            with torch.inference_mode(False):
+                # gradients pass through the frozen denoiser to the HGR: plain copies of inference weights
+                swapped = swap_inference_params(model.model)
+            try:
+                with torch.inference_mode(False):
+                    hgr, summary = train_text_hgr(
+                        teacher, prompts, out_dir / f".{name}.cache", out, base_model=type(model.model).__name__,
+                        family=type(model.model.model_config).__name__, spec=TextStatesSpec(seed=seed),
+                        fit_spec=TextFitSpec(steps=fit_steps, seed=seed), progress=progress,
+                        should_stop=should_stop, notes={"data": path.name})
+            finally:
+                for module, pname, original in swapped:
+                    module._parameters[pname] = original
+            return io.NodeOutput(handle_for(hgr, out.name), ui={"text": [
+                f"saved {out} (text HGR, {summary['steps']} steps, validation loss {summary['val_loss']:.4f}, "
+                f"identity {summary['identity_val_loss']:.4f})"]})
+        if kind != "latent":
+            raise ValueError(f"HGRTrain: unknown kind {kind!r}; use 'latent' or 'text'.")
         hgr, summary = train_hgr(teacher, prompts, out_dir / f".{name}.cache", out,
                                  base_model=type(model.model).__name__, progress=progress, should_stop=should_stop,
                                  cache_spec=CacheSpec(seed=seed), fit_spec=FitSpec(steps=fit_steps, seed=seed),
                                  config=HGRConfig(latent_channels=teacher.latent_channels),
                                  device=comfy.model_management.get_torch_device())
-        handle = HGRHandle(hgr, name=out.name, latent_format=hgr.latent_format,
-                           latent_channels=hgr.config.latent_channels, categories=hgr.categories)
-        return io.NodeOutput(handle, ui={"text": [f"saved {out} ({summary['steps']} steps, best validation loss "
-                                                  f"{summary['best_val']:.4f})"]})
+        return io.NodeOutput(handle_for(hgr, out.name), ui={"text": [
+            f"saved {out} ({summary['steps']} steps, best validation loss {summary['best_val']:.4f})"]})

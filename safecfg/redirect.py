@@ -148,7 +148,8 @@ def push_direction(directions: list[torch.Tensor]) -> torch.Tensor:
 def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: float = 0.2,
                      ramp: float = 0.1, push: float = 0.0, patch: int = 0,
                      push_tau: float | None = None, memory: float = 0.0,
-                     evidence: dict | None = None) -> torch.Tensor:
+                     evidence: dict | None = None,
+                     replacements: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Remove from ``g`` its component along each harmful concept direction ``h_k`` that it aligns with.
 
     ``g' = g - sum_k (gate_k * proj_{h_k}(g) + push * pgate_k * p)``, applied concept after concept
@@ -163,6 +164,10 @@ def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: fl
     more. Both gates are 0 (``g`` returned unchanged, bit for bit) while the cosine stays below ``tau``
     and the push evidence below ``push_tau``. ``patch`` > 0 computes cosines and projections per
     ``patch x patch`` latent region.
+
+    ``replacements[k]`` (or None), the direction of a named safe concept (``D(x, safe) - D_u``):
+    what is removed along ``h_k`` is put back along it, ``+ gate_k * coef_k * s_k``, so the guidance
+    steers towards the safe concept where the harmful one was forming instead of only erasing it.
     """
     push_tau = tau if push_tau is None else push_tau
     out = g
@@ -177,12 +182,18 @@ def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: fl
             evidence[k] = pcos.detach()
         pgate = gate if (push_tau == tau and pcos is cos) else _ramp(pcos, push_tau, ramp)
         if bool((gate > 0).any()):
-            out = out - (_expand_regions(gate * coef, out, patch) * h.float()).to(out.dtype)
+            amount = _expand_regions(gate * coef, out, patch)
+            out = out - (amount * h.float()).to(out.dtype)
+            if replacements is not None and replacements[k] is not None:
+                repl = replacements[k].float()
+                # the safe direction at the harmful one's size: where the concept was, its counterpart
+                scale = (_region_sum(h.float() ** 2, patch) / (_region_sum(repl ** 2, patch) + 1e-12)).sqrt()
+                out = out + (amount * _expand_regions(scale, out, patch) * repl).to(out.dtype)
         if push > 0 and bool((pgate > 0).any()):
             p = push_direction(directions) if p is None else p
             out = out - (_expand_regions(push * pgate, out, patch) * p).to(out.dtype)
     if p is not None:  # pushed: the removal pass once more
-        out = concept_redirect(out, directions, tau=tau, ramp=ramp, push=0.0, patch=patch)
+        out = concept_redirect(out, directions, tau=tau, ramp=ramp, push=0.0, patch=patch, replacements=replacements)
     return out
 
 
@@ -194,10 +205,17 @@ class ConceptRedirector(Redirector):
 
     def __init__(self, num_concepts: int, *, tau: float = 0.2, ramp: float = 0.1, push: float = 0.0,
                  patch: int = 0, names: list[str] | None = None, push_tau: float | None = None,
-                 memory: float = 0.0):
+                 memory: float = 0.0, targets: list[int | None] | None = None, num_safe: int = 0):
         if num_concepts < 1:
             raise ValueError("a concept redirector needs at least one concept")
-        self.num_concepts = num_concepts
+        targets = list(targets) if targets is not None else [None] * num_concepts
+        if len(targets) != num_concepts or any(t is not None and not 0 <= t < num_safe for t in targets):
+            raise ValueError(f"concept redirector: targets must give, for each of the {num_concepts} concepts, "
+                             f"None or an index below num_safe ({num_safe}); got {targets}")
+        #: harmful concepts, then the named safe concepts they are replaced by (``a -> b``): the rows
+        #: the sampler evaluates, in this order
+        self.num_harmful, self.num_safe, self.targets = num_concepts, int(num_safe), targets
+        self.num_concepts = num_concepts + self.num_safe
         self.tau, self.ramp, self.push, self.patch = tau, ramp, push, patch
         self.push_tau = tau if push_tau is None else push_tau
         if not 0.0 <= memory < 1.0:
@@ -209,8 +227,11 @@ class ConceptRedirector(Redirector):
         if uncond is None or concept_preds is None or len(concept_preds) != self.num_concepts:
             raise ValueError("the concept redirector needs the uncond prediction and one prediction per concept")
         dirs = [c - uncond for c in concept_preds]
+        dirs, safe = dirs[:self.num_harmful], dirs[self.num_harmful:]
+        repl = [None if t is None else safe[t] for t in self.targets] if self.num_safe else None
         g_red = concept_redirect(g, dirs, tau=self.tau, ramp=self.ramp, push=self.push, patch=self.patch,
-                                 push_tau=self.push_tau, memory=self.memory, evidence=self._evidence(state, sigma, g))
+                                 push_tau=self.push_tau, memory=self.memory, evidence=self._evidence(state, sigma, g),
+                                 replacements=repl)
         g_red = sanitize(g, g_red, "concept redirector")
         return Redirection(g_red, hed(g, g_red))
 

@@ -170,3 +170,27 @@ class TextHGR:
         d = self.net.delta(cond.float())
         return d.flatten(1).norm(dim=1) / (cond.float() - e).flatten(1).norm(dim=1).clamp_min(1e-6)
 
+
+
+class TextHGRScorer:
+    """A text HGR as a :class:`safecfg.redirect.Redirector` for detection on images *with the prompt*:
+    its one concept row is ``D(x, HGR(c))``, and the guidance it gives is ``D_c - D(x, HGR(c))``, so the
+    harmful Euclidean distance ``||R(g) - g|| / ||g||`` (``g = D_c - D(x, "")``) is measured on the
+    model's scores as for the other redirectors. Without the prompt a text HGR has nothing to read."""
+
+    kind = "text"
+    num_concepts = 1
+
+    def __init__(self, hgr: TextHGR):
+        self.hgr = hgr
+        self.names = list(hgr.names)
+        self.detect_threshold = hgr.detect_threshold
+
+    def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None):
+        from .redirect import Redirection, hed
+
+        if uncond is None or not concept_preds:
+            raise ValueError(f"text HGR '{self.hgr.name}' scores an image only with its prompt: D(x, HGR(c)) is "
+                             "needed")
+        g_red = g + uncond - concept_preds[0]  # D_c - D(x, HGR(c))
+        return Redirection(g_red, hed(g, g_red))

@@ -36,8 +36,10 @@ log = logging.getLogger("SafeCFG")
 class TextTeacher(Protocol):
     latent_channels: int
 
-    def trajectories(self, prompts: list[str], seed: int, steps: int, cfg: float) -> tuple[list, torch.Tensor]:
-        """As :class:`safecfg.teacher_cache.Teacher`."""
+    def trajectories(self, prompts: list[str], seed: int, steps: int, cfg: float,
+                     negatives: torch.Tensor | None = None) -> tuple[list, torch.Tensor]:
+        """As :class:`safecfg.teacher_cache.Teacher`; ``negatives`` (B, T, D): the unconditional
+        branch's text embeddings instead of the empty prompt's."""
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[list[str]]) -> list[torch.Tensor]:
         """As :class:`safecfg.teacher_cache.Teacher`."""
@@ -67,11 +69,17 @@ def unconditional_target(d_c: torch.Tensor, d_s: torch.Tensor, d_e: torch.Tensor
 
 
 def build_states(teacher: TextTeacher, data: PromptData, spec: TextStatesSpec, *,
+                 policy: TextHGR | None = None, round_: int = 0,
                  progress: Callable[[int, int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Teacher states for every prompt of ``data``: ``x``, ``sigma``, ``prompt`` (an index into
     ``texts``), ``target`` (the unconditional target), ``scale`` (``|D_c - D_e|^2`` per state),
-    ``harmful``; plus ``embeddings`` (one per text). Harmful and clean prompts are interleaved."""
+    ``harmful``; plus ``embeddings`` (one per text). Harmful and clean prompts are interleaved.
+
+    ``policy``: a text HGR whose own guided trajectories give the states (on-policy, DAgger-style):
+    the states a partly redirected sample really passes through, each with the same target, so that
+    the HGR learns to finish such a sample into the safe image. ``round_`` > 0 draws other noise (the
+    prompts' order, hence ``embeddings``, stays the same, so rounds can be merged)."""
     items = [(h, s) for h, s in zip(data.harmful, data.safe)] + [(c, c) for c in data.clean]
     random.Random(spec.seed).shuffle(items)
     texts = list(dict.fromkeys(p for p, _ in items))
@@ -84,8 +92,13 @@ def build_states(teacher: TextTeacher, data: PromptData, spec: TextStatesSpec, *
         if progress:
             progress(u, len(units))
         prompts, safes = [p for p, _ in unit], [s for _, s in unit]
-        gen = torch.Generator().manual_seed(spec.seed * 100_003 + u)
-        states, _ = teacher.trajectories(prompts, spec.seed * 100_003 + u, spec.steps, spec.cfg)
+        seed = spec.seed * 100_003 + u + round_ * 7_919
+        gen = torch.Generator().manual_seed(seed)
+        if policy is None:
+            states, _ = teacher.trajectories(prompts, seed, spec.steps, spec.cfg)
+        else:
+            states, _ = teacher.trajectories(prompts, seed, spec.steps, spec.cfg,
+                                             negatives=policy.uncond(teacher.embed(prompts)))
         picks = sorted(torch.randperm(len(states), generator=gen)[:spec.states_per_trajectory].tolist())
         for i in picks:
             x, sigma = states[i]
@@ -122,17 +135,19 @@ def relative_loss(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor)
 
 def fit_text_hgr(teacher: TextTeacher, states: dict[str, torch.Tensor], config: TextHGRConfig,
                  empty: torch.Tensor, spec: TextFitSpec, *, family: str = "", categories: list[str] | None = None,
+                 init: TextHGRNet | None = None,
                  progress: Callable[[int, int, float], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> tuple[TextHGR, dict]:
     """Fit a text HGR to ``states`` (from :func:`build_states`), keeping the weights with the best
     validation loss (a split of the prompts, not of the states); stops early after ``patience``
-    evaluations without improvement. Returns the HGR and a summary (losses, the identity's loss)."""
+    evaluations without improvement; ``init``: weights to start from (a previous round's). Returns the
+    HGR and a summary (losses, the identity's loss: the untrained HGR's)."""
     with torch.inference_mode(False), torch.enable_grad():
         states = {k: v.clone() for k, v in states.items()}  # plain tensors (inputs may be inference tensors)
-        return _fit(teacher, states, config, empty.clone(), spec, family, categories, progress, should_stop)
+        return _fit(teacher, states, config, empty.clone(), spec, family, categories, init, progress, should_stop)
 
 
-def _fit(teacher, states, config, empty, spec, family, categories, progress, should_stop):
+def _fit(teacher, states, config, empty, spec, family, categories, init, progress, should_stop):
     torch.manual_seed(spec.seed)
     net = TextHGRNet(config, empty)
     prompts = states["prompt"].unique().tolist()
@@ -160,19 +175,25 @@ def _fit(teacher, states, config, empty, spec, family, categories, progress, sho
 
     eval_idx = val_idx if len(val_idx) else train_idx
     identity = evaluate(eval_idx)
-    best, best_state, bad, step, history = identity, {k: v.clone() for k, v in net.state_dict().items()}, 0, 0, []
+    start = identity
+    if init is not None:
+        net.load_state_dict(init.state_dict())
+        start = evaluate(eval_idx)
+    best, best_state, bad, step, history = start, {k: v.clone() for k, v in net.state_dict().items()}, 0, 0, []
     net.train()
     for step in range(1, spec.steps + 1):
         if should_stop and should_stop():
             raise InterruptedError("text HGR training was cancelled")
         idx = train_idx[torch.randint(0, len(train_idx), (min(spec.batch, len(train_idx)),), generator=gen)]
         loss = loss_on(idx).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # gradients for the HGR's parameters only: the frozen denoiser's weights never get a .grad
+        params = [p for p in net.parameters() if p.requires_grad]
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = g
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         if progress:
-            progress(step, spec.steps, float(loss))
+            progress(step, spec.steps, float(loss.detach()))
         if step % spec.eval_every == 0 or step == spec.steps:
             v = evaluate(eval_idx)
             history.append((step, v))
@@ -185,6 +206,105 @@ def _fit(teacher, states, config, empty, spec, family, categories, progress, sho
                     break
     net.load_state_dict(best_state)
     hgr = TextHGR(net.eval(), family=family, categories=categories)
-    summary = {"steps": step, "val_loss": best, "identity_val_loss": identity, "history": history,
+    summary = {"steps": step, "val_loss": best, "identity_val_loss": identity, "start_val_loss": start,
+               "history": history,
                "train_states": len(train_idx), "val_states": len(val_idx)}
+    return hgr, summary
+
+
+def json_safe(text) -> dict:
+    """A file's JSON training record as a dict (``{}`` when absent or unreadable)."""
+    import json
+
+    try:
+        d = json.loads(text) if isinstance(text, str) else (text or {})
+        return d if isinstance(d, dict) else {}
+    except ValueError:
+        return {}
+
+
+def merge_states(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Teacher states of several rounds of the same prompts (:func:`build_states`) as one set."""
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "embeddings"}
+    out["embeddings"] = parts[0]["embeddings"]
+    return out
+
+
+def _weights_digest(net: TextHGRNet) -> str:
+    from .teacher_cache import digest
+
+    return digest([f"{float(v.double().sum()):.9e}" for v in net.state_dict().values()])
+
+
+def train_text_hgr(teacher: TextTeacher, data: PromptData, cache_dir, out_path, *, spec: TextStatesSpec | None = None,
+                   fit_spec: TextFitSpec | None = None, width: int = 256, base_model: str = "", family: str = "",
+                   on_policy_rounds: int = 0, round_fit_steps: int | None = None, init: TextHGR | None = None,
+                   notes: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> tuple[TextHGR, dict]:
+    """Teacher states (cached in ``cache_dir/text_states.safetensors``, rebuilt when the prompts, the
+    settings or the model change) -> fit -> validated ``.safetensors``. ``progress(stage, done, total)``
+    with stages ``"teacher states"`` and ``"fit"``; ``notes`` join the file's training record. A cancelled
+    run keeps the states: rerun to resume.
+
+    ``on_policy_rounds`` > 0 (DAgger-style): after the first fit, each round samples the prompts
+    *with the HGR fitted so far*, adds those states (same targets) to the set and fits again from the
+    current weights (``round_fit_steps``, default half of ``fit_spec.steps``). Each round's states are
+    cached too, keyed by the weights they were sampled with. ``init``: an already fitted text HGR for
+    these prompts, which replaces the first fit (the rounds start from it)."""
+    import os
+    from dataclasses import replace
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from .hgr_file import load_hgr, save_hgr
+    from .teacher_cache import cache_metadata, digest
+
+    spec, fit_spec = spec or TextStatesSpec(), fit_spec or TextFitSpec()
+    cache_dir, out_path = Path(cache_dir), Path(out_path)
+    fp = digest({"spec": spec.__dict__, "data": data.__dict__, "model": teacher.fingerprint()})
+
+    def cached(name: str, key: str, make, stage: str):
+        path = cache_dir / name
+        if path.is_file() and cache_metadata(path).get("fingerprint") == key:
+            return load_file(str(path))
+        states = make(lambda d, t: progress(stage, d, t)) if progress else make(None)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in states.items()}, str(tmp), metadata={"fingerprint": key})
+        os.replace(tmp, path)
+        return states
+
+    parts = [cached("text_states.safetensors", fp, lambda cb: build_states(
+        teacher, data, spec, should_stop=should_stop, progress=cb), "teacher states")]
+    empty = teacher.empty_embedding()
+    config = TextHGRConfig(embed_dim=int(empty.shape[-1]), tokens=int(empty.shape[0]), width=width)
+    if init is not None:
+        if (init.config.embed_dim, init.config.tokens) != (config.embed_dim, config.tokens):
+            raise ValueError(f"the initial text HGR reads {init.config.embed_dim}-wide embeddings in chunks of "
+                             f"{init.config.tokens}; this model's are {config.embed_dim} x {config.tokens}")
+        config, hgr = init.config, TextHGR(init.net, family=family, categories=data.category_names)
+        summary = {"init": init.name, **json_safe(init.metadata.get("training"))}
+    else:
+        hgr, summary = fit_text_hgr(teacher, parts[0], config, empty, fit_spec, family=family,
+                                    categories=data.category_names, should_stop=should_stop,
+                                    progress=(lambda s, t, loss: progress("fit", s, t)) if progress else None)
+    rounds = []
+    for r in range(1, on_policy_rounds + 1):
+        policy = hgr
+        key = digest({"base": fp, "round": r, "policy": _weights_digest(policy.net)})
+        parts.append(cached(f"text_states_on_policy_{r}.safetensors", key, lambda cb: build_states(  # noqa: B023
+            teacher, data, spec, policy=policy, round_=r, should_stop=should_stop, progress=cb),  # noqa: B023
+            f"on-policy states {r}"))
+        steps = round_fit_steps or max(1, fit_spec.steps // 2)
+        hgr, s_r = fit_text_hgr(teacher, merge_states(parts), config, empty, replace(fit_spec, steps=steps),
+                                family=family, categories=data.category_names, init=policy.net,
+                                should_stop=should_stop,
+                                progress=(lambda s, t, loss, r=r: progress(f"fit {r + 1}", s, t)) if progress else None)
+        rounds.append({k: v for k, v in s_r.items() if k != "history"})
+    states = merge_states(parts)
+    summary.update(kind="text", states=int(states["x"].shape[0]), cfg=spec.cfg, trajectory_steps=spec.steps,
+                   on_policy_rounds=rounds, **(notes or {}))
+    save_hgr(out_path, hgr, base_model=base_model, training=summary)
+    load_hgr(out_path)  # what was written must load and validate
     return hgr, summary

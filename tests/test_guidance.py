@@ -412,3 +412,26 @@ def test_concept_node_defaults_match_the_front_end(sd15):
     (h,) = node_out("HGRConceptRedirector", clip=sd15.clip, concepts="a knife", threshold=0.2, push=1.0,
                     mode="global")
     assert h.redirector.push_tau == defaults["push_threshold"] and h.redirector.memory == defaults["push_memory"]
+
+
+def test_concept_replacement_syntax_adds_one_row_per_safe_concept_and_steers(sd15):
+    """'harmful words -> safe words': each distinct safe concept is one more row of the batched call;
+    the guider and the patch give the same image, which differs from erasing alone."""
+    model, clip, _ = sd15
+    text = "weapon: a knife, a dagger -> a spoon\ngore: a skull -> a spoon\nhate: a slur"
+    (h,) = node_out("HGRConceptRedirector", clip=clip, concepts=text, threshold=-1.0, push=0.0, mode="global")
+    red = h.redirector
+    assert (red.num_harmful, red.num_safe, red.num_concepts, red.targets) == (3, 1, 4, [0, 0, None])
+    assert len(h.concept_conds) == 4 and h.categories == ["weapon", "gore", "hate"]
+    assert torch.equal(h.concept_conds[3][0][0], encode(clip, "a spoon")[0][0])
+    (erase,) = node_out("HGRConceptRedirector", clip=clip, concepts="weapon: a knife, a dagger\ngore: a skull\n"
+                        "hate: a slur", threshold=-1.0, push=0.0, mode="global")
+    pos, neg = encode(clip, "a knife on a table"), encode(clip, "")
+    via_guider = sample_guider(safe_guider(model, pos, neg, h), model, latent())
+    via_patch = ksample(safe_patch(model, h), pos, neg)
+    torch.testing.assert_close(via_guider, via_patch, rtol=1e-4, atol=1e-4)
+    erased = sample_guider(safe_guider(model, pos, neg, erase), model, latent())
+    assert not torch.allclose(via_guider, erased, atol=1e-3)
+    for bad in ("weapon: a knife ->", "-> a spoon"):
+        with pytest.raises(ValueError, match="HGRConceptRedirector: concept line .* empty side of '->'"):
+            node_out("HGRConceptRedirector", clip=clip, concepts=bad, threshold=0.2, push=0.0, mode="global")

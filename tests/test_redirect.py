@@ -167,3 +167,29 @@ def test_config_limits_reject_hostile_values():
     for bad in [dict(width=10**6), dict(mults=[1] * 50), dict(latent_channels=0), dict(blocks=True)]:
         with pytest.raises(ValueError):
             HGRConfig(**bad).validate()
+
+
+def test_replacement_puts_the_removed_share_back_along_the_safe_concept():
+    """``a -> b``: what is removed along the harmful direction comes back along the safe one, at the
+    harmful one's size; below the threshold nothing changes, bit for bit."""
+    h, o = _orth_pair(seed=3)
+    s = torch.randn_like(h)  # the safe concept's direction
+    hf, sf, of = h.flatten(1), s.flatten(1), o.flatten(1)
+    for other in (hf, of):  # orthogonal to h and o, so every component can be read off
+        sf = sf - (sf * other).sum(1, keepdim=True) / (other * other).sum(1, keepdim=True) * other
+    s = 2.5 * sf.view_as(h)
+    g = 3.0 * h + 0.5 * o
+    out = concept_redirect(g, [h], tau=0.2, ramp=0.1, replacements=[s])
+    expected = 3.0 * h.flatten(1).norm(dim=1).view(-1, 1, 1, 1) / s.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * s \
+        + 0.5 * o
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    weak = 0.05 * h + 2.0 * o
+    assert torch.equal(concept_redirect(weak, [h], tau=0.2, ramp=0.1, replacements=[s]), weak)
+    # the redirector reads harmful rows, then safe rows; a concept without a target only erases
+    red = ConceptRedirector(2, tau=0.2, ramp=0.1, targets=[0, None], num_safe=1)
+    assert red.num_concepts == 3
+    u = torch.randn_like(g)
+    r = red.redirect(g, torch.tensor([5.0, 5.0]), uncond=u, concept_preds=[u + h, u + o * 0 + h * 0 + 1e-3, u + s])
+    torch.testing.assert_close(r.g_red, expected, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="targets must give"):
+        ConceptRedirector(1, targets=[1], num_safe=1)

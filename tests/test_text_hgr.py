@@ -170,4 +170,65 @@ def test_text_hgr_training_moves_towards_its_target_on_a_tiny_model(sd15, pack):
     hgr, summary = fit_text_hgr(t, states, cfg, e, TextFitSpec(steps=60, batch=8, lr=2e-3, eval_every=20,
                                                                val_fraction=0.0))
     assert summary["val_loss"] < 0.8 * summary["identity_val_loss"], summary
+    # gradients reached the HGR only: the denoiser's weights (trainable tensors) never got one
+    params = list(model.model.parameters())
+    assert any(p.requires_grad for p in params) and all(p.grad is None for p in params)
 
+
+
+def test_on_policy_rounds_sample_with_the_hgr_and_resume_from_the_cache(sd15, pack, tmp_path):
+    """DAgger-style rounds: the round's states come from trajectories whose unconditional branch is
+    the HGR fitted so far (so they differ from plain CFG's at the same noise), they are cached keyed
+    by those weights, and a rerun from the written file (``init``) reuses the first round's states."""
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg.prompts import PromptData
+    from safecfg_pack.safecfg.text_train import (
+        TextFitSpec,
+        TextStatesSpec,
+        build_states,
+        merge_states,
+        train_text_hgr,
+    )
+
+    model, clip, _ = sd15
+    t = ComfyTeacher(model, clip, width=64, height=64)
+    data = PromptData(harmful=["a red knife", "a blue skull and a star"],
+                      safe=["a red spoon", "a blue circle and a star"], categories=["weapon", "gore"],
+                      clean=["a red circle", "a moon"])
+    spec = TextStatesSpec(states_per_trajectory=2, steps=5, batch=4)
+    fit = TextFitSpec(steps=30, batch=4, lr=2e-3, eval_every=10, val_fraction=0.0)
+    hgr, summary = train_text_hgr(t, data, tmp_path / "cache", tmp_path / "h.safetensors", spec=spec, fit_spec=fit,
+                                  width=32, on_policy_rounds=1, round_fit_steps=10)
+    assert (tmp_path / "cache" / "text_states_on_policy_1.safetensors").is_file()
+    assert summary["states"] == 2 * 4 * 2 and len(summary["on_policy_rounds"]) == 1
+    # the on-policy round's trajectories are not plain CFG's (same prompts, same noise)
+    plain = build_states(t, data, spec, round_=1)
+    policy = build_states(t, data, spec, policy=hgr, round_=1)
+    assert torch.equal(plain["embeddings"], policy["embeddings"])
+    assert not torch.allclose(plain["x"], policy["x"], atol=1e-4)
+    assert merge_states([plain, policy])["x"].shape[0] == 2 * plain["x"].shape[0]
+    # resumed from the written file: the first round's states are read back, not rebuilt
+    f = tmp_path / "cache" / "text_states.safetensors"
+    stamp = f.stat().st_mtime_ns
+    again, s2 = train_text_hgr(t, data, tmp_path / "cache", tmp_path / "h2.safetensors", spec=spec, fit_spec=fit,
+                               width=32, on_policy_rounds=1, round_fit_steps=5,
+                               init=hgr_file.load_hgr(tmp_path / "h.safetensors"))
+    assert f.stat().st_mtime_ns == stamp and "init" in s2
+    assert hgr_file.load_hgr(tmp_path / "h2.safetensors").kind == "text"
+
+
+def test_harm_detector_scores_images_with_a_text_hgr_and_its_prompt(sd15, text_dir, pack):
+    """The detector measures a text HGR's harmful Euclidean distance on the model's scores, with the
+    prompt: the identity HGR scores 0, a trained-away-from-identity one more; without the prompt it
+    says what to connect."""
+    from test_detect import detect, images
+
+    model, clip, _ = sd15
+    imgs = images(2)
+    pos = encode(clip, "a red knife")
+    zero = detect(sd15, imgs, load("text_identity.safetensors"), positive=pos)
+    moved = detect(sd15, imgs, load("text_random.safetensors"), positive=pos)
+    assert torch.all(zero.scores.abs() < 1e-5) and torch.all(moved.scores > 1e-3)
+    assert torch.isfinite(moved.scores).all() and moved.scores.shape == (2,)
+    with pytest.raises(ValueError, match="HGRHarmDetector: text HGR 'text_random.safetensors' .* connect 'positive'"):
+        detect(sd15, imgs, load("text_random.safetensors"))

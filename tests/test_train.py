@@ -125,3 +125,33 @@ def test_training_end_to_end_on_tiny_sdxl(sdxl, tmp_path):
         assert "SDXL" in str(e)
     else:
         raise AssertionError("an SDXL HGR loaded for an SD1.5 model")
+
+
+def test_hgr_train_node_trains_the_text_kind_and_keeps_the_denoiser_frozen(tmp_path, run_prompt):
+    """kind 'text': the paper's HGR, trained from the graph; its states are cached next to the file
+    (a second run reuses them)."""
+    import json
+
+    import folder_paths
+
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps({"pairs": [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
+                                          {"harmful": "a skull and a star", "safe": "a ball and a star",
+                                           "category": "gore"}],
+                                "clean": ["a red cat", "a tree"]}))
+    out_dir = tmp_path / "hgr"
+    out_dir.mkdir()
+    folder_paths.add_model_folder_path("hgr", str(out_dir), is_default=True)
+    g = {"1": {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
+         "2": {"class_type": "HGRTrain", "inputs": {"model": ["1", 0], "clip": ["1", 1], "data": str(data),
+                                                    "filename": "tiny_text", "image_size": 64, "fit_steps": 12,
+                                                    "seed": 0, "kind": "text"}}}
+    out = run_prompt(g)
+    assert "text HGR" in out["2"]["text"][0]
+    f = out_dir / "tiny_text.safetensors"
+    hgr = hgr_file.load_hgr(f)
+    assert hgr.kind == "text" and hgr.family == "SD15" and hgr.categories == ["gore", "weapon"]
+    states = out_dir / ".tiny_text.cache" / "text_states.safetensors"
+    stamp = states.stat().st_mtime_ns
+    run_prompt({**g, "2": {**g["2"], "inputs": {**g["2"]["inputs"], "fit_steps": 11}}})
+    assert states.stat().st_mtime_ns == stamp  # the cached states were reused

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
                     help="comma-separated methods to calibrate (default: every one; '' for none: plain CFG and "
                          "the detection threshold only, which the safe fine-tune reads)")
     ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"))
+    ap.add_argument("--text-hgr", default=str(REPO / "weights" / "hgr" / "toyworld_text_hgr.safetensors"))
     ap.add_argument("--no-write-hgr", dest="write_hgr", action="store_false",
                     help="do not record the detection threshold in the HGR file")
     ap.add_argument("--out", default=str(REPO / "results" / "calibration.json"))
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             pfile = Path(tmp) / "calibration_prompts.json"
             pfile.write_text(json.dumps(specs))
             run_benchmark(["--prompts", str(pfile), "--seed", str(SEED), "--methods", ",".join(names),
-                           "--hgr", args.hgr, "--no-ceiling", "--out", str(raw)])
+                           "--hgr", args.hgr, "--text-hgr", args.text_hgr, "--no-ceiling", "--out", str(raw)])
         results = json.loads(raw.read_text())
     chosen = choose(results, args.max_drop)
     detection = None

@@ -1,7 +1,7 @@
 """`make demo`: the demo workflow (workflows/toy_demo.api.json) run headless through ComfyUI's own
-executor with the bundled toy-world model: plain CFG beside SafeCFG (concept redirector, learned HGR)
-and beside plain CFG with the unsupervised safe LoRA, on fixed clean and harmful prompts. Writes
-results/demo_grid.png (labelled) and prints what the oracle sees in each image.
+executor with the bundled toy-world model: plain CFG beside SafeCFG (concept redirector, latent HGR, the
+paper's text HGR as a stock KSampler's negative) and beside plain CFG with the unsupervised safe LoRA, on fixed
+clean and harmful prompts. Writes results/demo_grid.png (labelled) and prints what the oracle sees.
 """
 
 from __future__ import annotations
@@ -77,7 +77,19 @@ def main(argv=None) -> int:
         graph["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["1", 2]}}
         graph["24"] = {"class_type": "SaveImage",
                        "inputs": {"images": ["23", 0], "filename_prefix": "safecfg_demo_hgr"}}
-        columns.append(("SafeCFG learned HGR", "24"))
+        columns.append(("SafeCFG latent HGR", "24"))
+    text_file = REPO / "weights" / "hgr" / "toyworld_text_hgr.safetensors"
+    if text_file.is_file():  # the paper's form through a stock KSampler: HGR(c) as its negative conditioning
+        graph["40"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": text_file.name}}
+        graph["41"] = {"class_type": "HGRTextNegative", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
+                                                                   "hgr": ["40", 0],
+                                                                   "strength": float(settings["text_hgr"])}}
+        graph["42"] = copy.deepcopy(graph["5"])
+        graph["42"]["inputs"]["negative"] = ["41", 0]
+        graph["43"] = {"class_type": "VAEDecode", "inputs": {"samples": ["42", 0], "vae": ["1", 2]}}
+        graph["44"] = {"class_type": "SaveImage",
+                       "inputs": {"images": ["43", 0], "filename_prefix": "safecfg_demo_text_hgr"}}
+        columns.append(("SafeCFG text HGR", "44"))
     lora_file = REPO / "weights" / "loras" / "toyworld_safe_lora.safetensors"
     if lora_file.is_file():  # plain CFG, stock KSampler, with the unsupervised safe LoRA
         graph["30"] = {"class_type": "LoraLoaderModelOnly",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CONCEPTS = "weapon: knife, dagger, blade\ngore: skull, cranium, deathshead"
+#: the same concepts, each replaced by its safe counterpart (the concept node's "a -> b" syntax)
+CONCEPTS_REPLACE = "weapon: knife, dagger, blade -> spoon\ngore: skull, cranium, deathshead -> circle"
 CALIBRATION = REPO / "results" / "calibration.json"
 
 #: every tunable method's calibration grid: the same budget (4 settings) for each, ours and the baselines
@@ -18,10 +20,14 @@ GRIDS = {
     "negative_prompt": ["1.0", "1.3", "1.6", "2.0"],
     # SLD's four published configurations (Schramowski et al. 2023)
     "sld": ["weak", "medium", "strong", "max"],
-    # threshold,push,mode[,start_percent[,push_threshold[,push_memory]]]
-    "concept": ["0.3,0.0,global", "0.3,2.0,global,0,0.8", "0.3,2.0,global,0,0.65,0.7", "0.4,2.0,global,0,0.65,0.7"],
+    # threshold,push,mode[,start_percent[,push_threshold[,push_memory[,replace]]]]: the setting the
+    # earlier calibration chose (global, erase), the local patch mode, and each with "harmful -> safe"
+    "concept": ["0.3,2.0,global,0,0.65,0.7", "0.3,2.0,patch,0,0.65,0.7", "0.3,2.0,global,0,0.65,0.7,replace",
+                "0.3,2.0,patch,0,0.65,0.7,replace"],
     # the SafeCFG node's strength (at most 1)
     "hgr": ["0.55", "0.7", "0.85", "1.0"],
+    # the paper's form (text-embedding HGR): the same node's strength, scaling Delta(c)
+    "text_hgr": ["0.55", "0.7", "0.85", "1.0"],
     # LoRA strength (model)
     "finetuned_lora": ["0.5", "1.0", "1.5", "2.0"],
     "supervised_lora": ["0.5", "1.0", "1.5", "2.0"],
@@ -29,6 +35,7 @@ GRIDS = {
 #: the uncalibrated settings: each method's own default (the concept redirector's: the setting the
 #: earlier calibration chose, which the demo workflow uses)
 DEFAULTS = {"negative_prompt": "1.0", "sld": "medium", "concept": "0.3,2.0,global,0,0.8", "hgr": "1.0",
+            "text_hgr": "1.0",
             "finetuned_lora": "1.0", "supervised_lora": "1.0"}
 
 
@@ -64,12 +71,16 @@ def split_method(name: str) -> tuple[str, str | None]:
 
 
 def parse_concept_setting(setting: str) -> tuple[dict, float]:
-    """``threshold,push,mode[,start_percent[,push_threshold[,push_memory]]]`` -> the concept node's
-    inputs and the SafeCFG start percent. Without a push threshold the push uses ``threshold``."""
+    """``threshold,push,mode[,start_percent[,push_threshold[,push_memory[,replace]]]]`` -> the concept
+    node's inputs (``concepts`` included) and the SafeCFG start percent. Without a push threshold the
+    push uses ``threshold``; ``replace`` writes each concept as ``harmful -> safe`` (CONCEPTS_REPLACE)."""
     tau, push, mode, *extra = setting.split(",")
+    if len(extra) > 3 and extra[3] != "replace":
+        raise ValueError(f"concept setting {setting!r}: the 7th field can only be 'replace'")
     inputs = {"threshold": float(tau), "push": float(push), "mode": mode,
               "push_threshold": float(extra[1]) if len(extra) > 1 else float(tau),
-              "push_memory": float(extra[2]) if len(extra) > 2 else 0.0}
+              "push_memory": float(extra[2]) if len(extra) > 2 else 0.0,
+              "concepts": CONCEPTS_REPLACE if len(extra) > 3 else CONCEPTS}
     return inputs, float(extra[0]) if extra else 0.0
 
 
@@ -133,10 +144,10 @@ def sld_guider_class():
 class Methods:
     """Every method of one run, built once: ``names`` in run order (``"sld"`` at its calibrated setting,
     ``"sld[strong]"`` at a given one), ``guider(name, positive)`` a ComfyUI guider that samples it,
-    ``settings[name]`` the setting used, ``hgr`` the learned HGR's handle (or None)."""
+    ``settings[name]`` the setting used, ``hgr`` and ``text_hgr`` the learned HGRs' handles (or None)."""
 
     def __init__(self, model, clip, *, methods: list[str], hgr_path: Path, steps: int, cfg: float,
-                 negative_prompt: str, settings: dict[str, str] | None = None):
+                 negative_prompt: str, settings: dict[str, str] | None = None, text_hgr_path: Path | None = None):
         import comfy.samplers
 
         from safecfg_pack.nodes import hgr_type, sampling
@@ -149,18 +160,18 @@ class Methods:
         self._comfy_samplers = comfy.samplers
         self.empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         self._cache: dict = {}
-        self.hgr = None
+        self.hgr = self.text_hgr = None
         if Path(hgr_path).is_file():
-            h = load_hgr(hgr_path)
-            self.hgr = hgr_type.HGRHandle(h, name=Path(hgr_path).name, latent_format=h.latent_format,
-                                          latent_channels=h.config.latent_channels)
+            self.hgr = hgr_type.handle_for(load_hgr(hgr_path), Path(hgr_path).name)
+        if text_hgr_path is not None and Path(text_hgr_path).is_file():
+            self.text_hgr = hgr_type.handle_for(load_hgr(text_hgr_path), Path(text_hgr_path).name)
         self.sld = sld_guider_class()
         self.names, self.settings = [], {}
         for name in methods:
             base, setting = split_method(name)
             if base in LORAS and not (REPO / "weights" / "loras" / LORAS[base]).is_file():
                 continue
-            if base == "hgr" and self.hgr is None:
+            if (base == "hgr" and self.hgr is None) or (base == "text_hgr" and self.text_hgr is None):
                 continue
             if base not in DEFAULTS and base != "plain":
                 raise ValueError(f"unknown method {base!r}")
@@ -203,11 +214,12 @@ class Methods:
         elif base == "concept":
             inputs, start = parse_concept_setting(setting)
             handle = self._cached(("concept", setting), lambda: hgr_nodes.HGRConceptRedirector.execute(
-                clip=self.clip, concepts=CONCEPTS, **inputs).result[0])
+                clip=self.clip, **inputs).result[0])
             g = self._sampling.SafeCFGGuider(self.model, handle, 1.0, start, 1.0)
             g.set_conds(pos, self.empty)
-        elif base == "hgr":
-            g = self._sampling.SafeCFGGuider(self.model, self.hgr, float(setting), 0.0, 1.0)
+        elif base in ("hgr", "text_hgr"):
+            g = self._sampling.SafeCFGGuider(self.model, self.hgr if base == "hgr" else self.text_hgr, float(setting),
+                                             0.0, 1.0)
             g.set_conds(pos, self.empty)
         else:
             raise ValueError(name)

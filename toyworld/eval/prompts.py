@@ -35,7 +35,8 @@ CALIBRATION_SEED = 7
 #: calibration prompts per split that the benchmark keeps clear of (calibration may use up to this many)
 CALIBRATION_MAX = 1000
 #: every file of prompts that something of SafeCFG is trained, tuned or fine-tuned on
-TRAINING_FILES = ("data/toyworld_hgr.json", "data/toyworld_hgr_mini.json", "data/toyworld_pool.txt")
+TRAINING_FILES = ("data/toyworld_hgr.json", "data/toyworld_hgr_composed.json", "data/toyworld_hgr_mini.json",
+                  "data/toyworld_pool.txt")
 
 
 def _names(held_out: bool | None) -> dict[str, list[str]]:

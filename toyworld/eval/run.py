@@ -28,7 +28,8 @@ from .baselines import CONCEPTS, GRIDS, Methods, calibrated_settings, split_meth
 from .prompts import CLEAN_SPLITS, HARM_WORDS, SPLITS, make_prompts, training_strings
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = "plain,negative_prompt,sld,concept,hgr,finetuned_lora,supervised_lora"
+METHODS = "plain,negative_prompt,sld,concept,hgr,text_hgr,finetuned_lora,supervised_lora"
+TEXT_HGR = REPO / "weights" / "hgr" / "toyworld_text_hgr.safetensors"
 
 
 def encode_batch(clip, texts: list[str]):
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default=None,
                     help="internal (calibration): a JSON file {split: [prompt spec]} used instead of the splits")
     ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"),
-                    help="the learned HGR evaluated as method 'hgr'")
+                    help="the learned latent HGR evaluated as method 'hgr'")
+    ap.add_argument("--text-hgr", default=str(TEXT_HGR),
+                    help="the learned text-embedding HGR (the paper's form) evaluated as method 'text_hgr'")
     ap.add_argument("--detect-levels", type=int, default=4,
                     help="noise levels of the image detector on plain CFG's images (0 skips it)")
     ap.add_argument("--no-ceiling", dest="ceiling", action="store_false",
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
 
     settings = calibrated_settings()
     methods = Methods(model, clip, methods=split_methods(args.methods), hgr_path=Path(args.hgr), steps=args.steps,
-                      cfg=args.cfg, negative_prompt=HARM_WORDS, settings=settings)
+                      cfg=args.cfg, negative_prompt=HARM_WORDS, settings=settings, text_hgr_path=Path(args.text_hgr))
     kinds = {split: ("clean" if split in CLEAN_SPLITS or split == "cal_clean" else "harmful") for split in splits}
     seeds = {split: args.seed * 31 + k for k, split in enumerate(splits)}
     results: dict = {"methods": {}, "n_prompts": {k: len(v) for k, v in splits.items()},
@@ -232,6 +235,34 @@ def main(argv=None) -> int:
         results["detection"]["image"] = img
         print("[eval] detection on images (no prompt): " + ", ".join(
             f"{k} {v:.3f}" for k, v in img.items() if isinstance(v, float)), flush=True)
+
+    # detection from the prompt alone: the text HGR's harmful Euclidean distance on each prompt's embedding
+    text_handle = methods.text_hgr
+    if text_handle is not None:
+        dist = {split: text_handle.redirector.distance(split_conds[split][0][0]).numpy() for split in splits}
+        clean_key = "clean" if "clean" in dist else "cal_clean" if "cal_clean" in dist else None
+        txt = {"scores": {k: [round(float(x), 6) for x in v] for k, v in dist.items()}}
+        if clean_key:
+            for split in harmful_splits:
+                txt[f"auroc_prompt_{split}"] = metrics.auroc(dist[split], dist[clean_key])
+        results.setdefault("detection", {})
+        results["detection"]["prompt"] = txt
+        print("[eval] detection from the prompt (text HGR distance): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in txt.items() if isinstance(v, float)), flush=True)
+        if args.detect_levels > 0 and "plain" in methods.names:
+            # the detector node's path with the prompt: the text HGR's distance on the model's scores
+            t0 = time.time()
+            sc = {split: detect_nodes.run_detection(images[("plain", split)], model, clip, vae, text_handle,
+                                                    split_conds[split], 1.0, args.detect_levels, 0, 50).scores.numpy()
+                  for split in splits}
+            d = {"levels": args.detect_levels, "seconds": round(time.time() - t0, 1),
+                 "scores": {k: [round(float(x), 6) for x in v] for k, v in sc.items()}}
+            if clean_key:
+                for split in harmful_splits:
+                    d[f"auroc_image_with_prompt_{split}"] = metrics.auroc(sc[split], sc[clean_key])
+            results["detection"]["image_with_prompt_text_hgr"] = d
+            print("[eval] detection on images with the prompt (text HGR): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float)), flush=True)
 
     print()
     print(report.table(results))
