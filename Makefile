@@ -5,7 +5,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: bootstrap test lint pytest bench bench-train demo eval calibrate workflows toy-train toy-train-vae \
-	toy-train-oracle toy-train-unet clean-env test-comfy
+	toy-train-oracle toy-train-unet toy-train-text-hgr clean-env test-comfy
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -54,6 +54,18 @@ toy-train-unet: bootstrap
 	$(PY) -m toyworld.train_unet --steps 3500
 	$(PY) -m toyworld.train_unet --steps 6497
 	$(PY) -m toyworld.train_unet --init --held-out-p 0.5 --steps 1600 --lr 4e-4
+
+# The paper's text HGR for the toy model (weights/hgr/toyworld_text_hgr.safetensors): teacher data with
+# composed scenes (training templates only), 1000 fit steps and one on-policy round (600 steps), then a
+# second on-policy round sampled with that HGR (800 steps); ~35 min on this CPU
+toy-train-text-hgr: bootstrap
+	$(PY) -m toyworld.hgr_data --composed
+	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
+		--out .toytrain/toyworld_text_hgr_r1.safetensors --cache .toytrain/text_hgr_cache \
+		--fit-steps 1000 --on-policy-rounds 1 --round-fit-steps 600
+	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
+		--out weights/hgr/toyworld_text_hgr.safetensors --cache .toytrain/text_hgr_cache \
+		--init .toytrain/toyworld_text_hgr_r1.safetensors --on-policy-rounds 1 --round-fit-steps 800
 
 # The demo workflow, headless through ComfyUI's executor, with the bundled model -> results/demo_grid.png
 demo: bootstrap

@@ -9,9 +9,11 @@ from .sampling import SafeCFGGuider, is_text, patch_model, text_negative
 
 CATEGORY = "SafeCFG"
 
-STRENGTH_TIP = ("How far harmful guidance is redirected: 0 = plain CFG (bit-identical), 1 = fully redirected. "
-                "Recommended 0.8-1.0. Clean prompts are nearly unchanged, not untouched (toy-world benchmark at 1: "
-                "mean pixel distance 0.006 to plain CFG with the learned HGR, 0.02 with the concept redirector).")
+STRENGTH_TIP = ("How far harmful guidance is redirected: 0 = plain CFG (bit-identical), 1 = as trained (a text HGR: "
+                "its correction Delta(c) at full scale; a latent HGR or concept redirector: fully redirected). Above 1 "
+                "extrapolates: a text HGR's correction is scaled further (the toy world's calibrated 1.5), the others "
+                "move past the redirected direction. Clean prompts are nearly unchanged, not untouched (the toy-world "
+                "benchmark in the README measures by how much).")
 START_TIP = ("Fraction of the schedule at which SafeCFG starts acting (0 = first step). Neutral 0.0. Harmful "
              "content is decided early, so keep it at 0.0-0.1.")
 END_TIP = ("Fraction of the schedule at which SafeCFG stops acting (1 = last step). Neutral 1.0. 0.5-1.0 is "
@@ -21,7 +23,7 @@ HGR_TIP = "The redirector: a learned HGR (HGRLoader) or a concept redirector (HG
 
 def window_inputs() -> list:
     return [
-        io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=STRENGTH_TIP),
+        io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01, tooltip=STRENGTH_TIP),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=START_TIP),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=END_TIP),
     ]

@@ -444,3 +444,64 @@ def test_benchmark_ratios_and_judged_figures():
     assert redirect_flags(out1, specs[1:]) == [False]  # a spoon beside the knife is no redirect
     col[0, world.CLASSES.index("circle")] = torch.eye(N_COLOURS)[world.COLOUR_NAMES.index("red")]
     assert objects_present(out, specs[:1], lambda s: s.clean_items) == [False]  # wrong colour
+
+
+def test_composed_hgr_data_is_reproducible_and_changes_only_the_harmful_object():
+    """data/toyworld_hgr_composed.json is exactly what toyworld.hgr_data builds from its seed: training
+    names and templates only; each safe rewrite differs from its harmful prompt in the harmful word
+    alone; composed scenes (a harmful object beside a clean one) are there."""
+    from toyworld import grammar, hgr_data
+
+    stored = json.loads(hgr_data.OUT_COMPOSED.read_text())
+    assert stored == hgr_data.build_composed()
+    held = set(world.HELD_OUT_NAMES.values())
+    harm_words = {n for names in world.TRAIN_NAMES.values() for n in names}
+    composed = 0
+    for p in stored["pairs"]:
+        a, b = p["harmful"].split(), p["safe"].split()
+        assert len(a) == len(b) and not set(a) & held
+        diff = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(diff) == 1 and diff[0][0] in harm_words and diff[0][1] in grammar.SAFE_REWRITE.values()
+        composed += " and " in p["harmful"]
+    assert composed >= 400
+
+
+def test_bundled_text_hgr_in_a_stock_ksampler_and_the_patch_gives_the_same_image(bundle, pack, run_prompt):
+    """The paper's HGR bundled for the toy model: HGRTextNegative into a stock KSampler and the model
+    patch (full window) give the same image, and it is not plain CFG's for a harmful prompt."""
+    import numpy as np
+
+    def graph(mode):
+        g = {
+            "1": {"class_type": "HGRDemoModelLoader", "inputs": {}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a purple knife on stripes", "clip": ["1", 1]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "5": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_text_hgr.safetensors"}},
+            "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 1, "steps": 6, "cfg": 5.0,
+                                                       "sampler_name": "euler", "scheduler": "normal",
+                                                       "positive": ["2", 0], "negative": ["3", 0],
+                                                       "latent_image": ["4", 0], "denoise": 1.0}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": f"text_{mode}"}},
+        }
+        if mode == "negative":
+            g["6"] = {"class_type": "HGRTextNegative", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
+                                                                  "hgr": ["5", 0], "strength": 1.5}}
+            g["7"]["inputs"]["negative"] = ["6", 0]
+        elif mode == "patch":
+            g["6"] = {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["5", 0], "strength": 1.5,
+                                                                  "start_percent": 0.0, "end_percent": 1.0}}
+            g["7"]["inputs"]["model"] = ["6", 0]
+        return g
+
+    from PIL import Image
+
+    from devtools.comfy import work_dir
+
+    imgs = {}
+    for mode in ("negative", "patch", "plain"):
+        info = run_prompt(graph(mode))["9"]["images"][0]
+        imgs[mode] = np.asarray(Image.open(work_dir() / "output" / info["subfolder"] / info["filename"]), np.float32)
+    assert np.abs(imgs["negative"] - imgs["patch"]).max() <= 2.0  # PNG rounding of the same image
+    assert np.abs(imgs["negative"] - imgs["plain"]).mean() > 5.0

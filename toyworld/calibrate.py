@@ -11,7 +11,8 @@ stays within ``--max-drop`` of plain CFG's (ties: smaller clean distance) and wr
 results/calibration.json; `make eval` runs every method at the setting recorded there. Also
 calibrates the image detector's threshold (HED of the bundled HGR on plain CFG's images, no prompt;
 the threshold with the most true positives that flags at most ``--detect-max-fpr`` of clean images)
-and records it in the HGR file, where the detector node's "auto" finds it.
+and records it in the HGR file, where the detector node's "auto" finds it; likewise the text HGR's
+threshold for the detector with the prompt, recorded in the text HGR file.
 """
 
 from __future__ import annotations
@@ -101,12 +102,24 @@ def main(argv=None) -> int:
                      "max_false_positive_rate": args.detect_max_fpr}
         if args.write_hgr:
             write_threshold(Path(args.hgr), detection)
+    # the text HGR's threshold for the detector with the prompt (its distance on the model's scores)
+    detection_text = None
+    txt = results.get("detection", {}).get("image_with_prompt_text_hgr")
+    if txt and "cal_harmful" in txt["scores"] and "cal_clean" in txt["scores"]:
+        thr, tpr, fpr = detection_threshold(txt["scores"]["cal_harmful"], txt["scores"]["cal_clean"],
+                                            args.detect_max_fpr)
+        detection_text = {"threshold": thr, "true_positive_rate": tpr, "false_positive_rate": fpr,
+                          "levels": txt["levels"], "with_prompt": True, "calibration_seed": SEED,
+                          "max_false_positive_rate": args.detect_max_fpr}
+        if args.write_hgr:
+            write_threshold(Path(args.text_hgr), detection_text)
     plain = results["methods"]["plain"]
     summary = {"chosen": chosen, "plain": {"clean_accuracy": plain["cal_clean"]["clean_accuracy"],
                                            "harmful_rate": plain["cal_harmful"]["harmful_rate"]},
                "budget": {m: len(v) for m, v in GRIDS.items()}, "grids": GRIDS, "max_clean_drop": args.max_drop,
                "seed": SEED, "n_prompts": results["n_prompts"], "templates": "training templates only",
                "held_out_names_used": False, "detection": detection,
+               "detection_text_hgr": detection_text,
                "runs": str(raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw)}
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nplain CFG: harmful {summary['plain']['harmful_rate']:.3f}, clean accuracy "
@@ -119,6 +132,11 @@ def main(argv=None) -> int:
         print(f"detection threshold {detection['threshold']:.4f} (calibration: true positives "
               f"{detection['true_positive_rate']:.3f}, false positives {detection['false_positive_rate']:.3f})"
               + (f"; written into {args.hgr}" if args.write_hgr else ""))
+    if detection_text:
+        print(f"text HGR detection threshold (with the prompt) {detection_text['threshold']:.4f} (calibration: true "
+              f"positives {detection_text['true_positive_rate']:.3f}, false positives "
+              f"{detection_text['false_positive_rate']:.3f})" + (f"; written into {args.text_hgr}" if args.write_hgr
+                                                                  else ""))
     return 0
 
 

@@ -12,6 +12,7 @@ the bundled toy-world model put in its place (same outputs: MODEL, CLIP, VAE).
 from __future__ import annotations
 
 from safecfg_pack.safecfg.redirect import DEFAULT_CONCEPTS
+from toyworld.eval.baselines import calibrated_settings
 
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 NEGATIVE = "blurry, low quality"
@@ -141,7 +142,8 @@ def toy_safe_finetune() -> dict:
 
 
 def toy_demo() -> dict:
-    """Plain CFG beside SafeCFG with the bundled learned HGR, on the toy model."""
+    """Plain CFG beside SafeCFG with the bundled text HGR (the paper's form, the benchmark's default
+    learned HGR) through the model patch at its calibrated strength, on the toy model."""
     return {
         "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red knife on a light background",
@@ -155,13 +157,14 @@ def toy_demo() -> dict:
             "_meta": {"title": "Plain CFG"}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}, "_meta": {"title": "Plain CFG"}},
-        "8": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
-        "9": {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["8", 0], "strength": 1.0,
+        "8": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_text_hgr.safetensors"}},
+        "9": {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["8", 0],
+                                                          "strength": float(calibrated_settings()["text_hgr"]),
                                                           "start_percent": 0.0, "end_percent": 1.0}},
         "10": {"class_type": "KSampler", "inputs": {
             "model": ["9", 0], "seed": 7, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
             "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0},
-            "_meta": {"title": "SafeCFG (learned HGR)"}},
+            "_meta": {"title": "SafeCFG (text HGR)"}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "safecfg_toy_demo"}},
     }

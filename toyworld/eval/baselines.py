@@ -24,10 +24,11 @@ GRIDS = {
     # earlier calibration chose (global, erase), the local patch mode, and each with "harmful -> safe"
     "concept": ["0.3,2.0,global,0,0.65,0.7", "0.3,2.0,patch,0,0.65,0.7", "0.3,2.0,global,0,0.65,0.7,replace",
                 "0.3,2.0,patch,0,0.65,0.7,replace"],
-    # the SafeCFG node's strength (at most 1)
-    "hgr": ["0.55", "0.7", "0.85", "1.0"],
+    # the SafeCFG node's strength, the same grid for both learned HGRs (above 1 extrapolates; the
+    # earlier calibration of the latent HGR chose the top of 0.55-1.0)
+    "hgr": ["1.0", "1.25", "1.5", "2.0"],
     # the paper's form (text-embedding HGR): the same node's strength, scaling Delta(c)
-    "text_hgr": ["0.55", "0.7", "0.85", "1.0"],
+    "text_hgr": ["1.0", "1.25", "1.5", "2.0"],
     # LoRA strength (model)
     "finetuned_lora": ["0.5", "1.0", "1.5", "2.0"],
     "supervised_lora": ["0.5", "1.0", "1.5", "2.0"],

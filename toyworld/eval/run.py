@@ -7,10 +7,12 @@ fine-tuning or calibration data holds): ``clean`` and ``composed_clean`` (one or
 harmful object beside a clean one). Methods, all sampled with the same noise through ComfyUI's own
 sampler (Euler, ``--steps`` steps, cfg ``--cfg``), each at the setting `make calibrate` chose on the
 calibration split with the same budget for every method (results/calibration.json): plain CFG, a
-negative prompt, SLD, the concept redirector (SafeCFG, training-free), the learned HGR and the
-fine-tuned LoRAs. The strict oracle judges every image; the lenient one's harmful rate is reported
-beside it. Plain CFG also draws every harmful single prompt's safe rewrite at the same seeds: the
-ceiling of the redirect fidelity.
+negative prompt, SLD, the concept redirector (SafeCFG, training-free), both learned HGRs (latent and
+the paper's text form) and the fine-tuned LoRAs. The strict oracle judges every image; the lenient
+one's harmful rate is reported beside it. Plain CFG also draws every harmful single prompt's safe
+rewrite at the same seeds: the ceiling of the redirect fidelity. Detection: the sampling HED, the
+latent HGR on finished images without the prompt, the text HGR's distance on the prompt alone and on
+finished images with the prompt.
 
 Writes results/eval.json, results/eval_tradeoff.png, results/eval_samples.png and prints a table.
 """
