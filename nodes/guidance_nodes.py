@@ -11,7 +11,7 @@ CATEGORY = "SafeCFG"
 
 STRENGTH_TIP = ("How far harmful guidance is redirected: 0 = plain CFG (bit-identical), 1 = as trained (a text HGR: "
                 "its correction Delta(c) at full scale; a latent HGR or concept redirector: fully redirected). Above 1 "
-                "extrapolates: a text HGR's correction is scaled further (the toy world's calibrated 1.5), the others "
+                "extrapolates: a text HGR's correction is scaled further (the toy world's calibrated 1.25), the others "
                 "move past the redirected direction. Clean prompts are nearly unchanged, not untouched (the toy-world "
                 "benchmark in the README measures by how much).")
 START_TIP = ("Fraction of the schedule at which SafeCFG starts acting (0 = first step). Neutral 0.0. Harmful "
