@@ -90,16 +90,15 @@ class HGRTrain(io.ComfyNode):
             with torch.inference_mode(False):
                 # gradients pass through the frozen denoiser to the HGR: plain copies of inference weights
                 swapped = swap_inference_params(model.model)
-            try:
-                with torch.inference_mode(False):
+                try:
                     hgr, summary = train_text_hgr(
                         teacher, prompts, out_dir / f".{name}.cache", out, base_model=type(model.model).__name__,
                         family=type(model.model.model_config).__name__, spec=TextStatesSpec(seed=seed),
                         fit_spec=TextFitSpec(steps=fit_steps, seed=seed), progress=progress,
                         should_stop=should_stop, notes={"data": path.name})
-            finally:
-                for module, pname, original in swapped:
-                    module._parameters[pname] = original
+                finally:
+                    for module, pname, original in swapped:
+                        module._parameters[pname] = original
             return io.NodeOutput(handle_for(hgr, out.name), ui={"text": [
                 f"saved {out} (text HGR, {summary['steps']} steps, validation loss {summary['val_loss']:.4f}, "
                 f"identity {summary['identity_val_loss']:.4f})"]})

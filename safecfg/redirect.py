@@ -122,7 +122,7 @@ def _ramp(cos: torch.Tensor, start: float, ramp: float) -> torch.Tensor:
 
 def concept_gates(g: torch.Tensor, h: torch.Tensor, tau: float, ramp: float, patch: int = 0):
     """Cosine of ``g`` to ``h`` per region, the gate rising 0 -> 1 from ``tau`` to ``min(tau + ramp, 1)``,
-    and the projection coefficient ``<g,h>/<h,h>``."""
+    the projection coefficient ``<g,h>/<h,h>`` and ``<h,h>`` itself."""
     g32, h32 = g.float(), h.float()
     dot = _region_sum(g32 * h32, patch)
     hh = _region_sum(h32 * h32, patch)
@@ -130,7 +130,7 @@ def concept_gates(g: torch.Tensor, h: torch.Tensor, tau: float, ramp: float, pat
     cos = dot / (gg.sqrt() * hh.sqrt() + 1e-12)
     gate = _ramp(cos, tau, ramp)
     coef = dot / (hh + 1e-12)
-    return cos, gate, coef
+    return cos, gate, coef, hh
 
 
 def push_direction(directions: list[torch.Tensor]) -> torch.Tensor:
@@ -173,7 +173,7 @@ def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: fl
     out = g
     p = None  # the push direction, made once when first needed
     for k, h in enumerate(directions):
-        cos, gate, coef = concept_gates(out, h, tau, ramp, patch)
+        cos, gate, coef, hh = concept_gates(out, h, tau, ramp, patch)
         pcos = cos
         if evidence is not None and memory > 0:
             prev = evidence.get(k)
@@ -187,7 +187,7 @@ def concept_redirect(g: torch.Tensor, directions: list[torch.Tensor], *, tau: fl
             if replacements is not None and replacements[k] is not None:
                 repl = replacements[k].float()
                 # the safe direction at the harmful one's size: where the concept was, its counterpart
-                scale = (_region_sum(h.float() ** 2, patch) / (_region_sum(repl ** 2, patch) + 1e-12)).sqrt()
+                scale = (hh / (_region_sum(repl ** 2, patch) + 1e-12)).sqrt()
                 out = out + (amount * _expand_regions(scale, out, patch) * repl).to(out.dtype)
         if push > 0 and bool((pgate > 0).any()):
             p = push_direction(directions) if p is None else p

@@ -171,7 +171,6 @@ class TextHGR:
         return d.flatten(1).norm(dim=1) / (cond.float() - e).flatten(1).norm(dim=1).clamp_min(1e-6)
 
 
-
 class TextHGRScorer:
     """A text HGR as a :class:`safecfg.redirect.Redirector` for detection on images *with the prompt*:
     its one concept row is ``D(x, HGR(c))``, and the guidance it gives is ``D_c - D(x, HGR(c))``, so the

@@ -69,22 +69,28 @@ def test_sharded_cache_builds_disjoint_units(sd15, tmp_path):
     assert train.load_cache(tmp_path / "c")["g"].shape[0] == 8
 
 
-def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
+def _train_graph(tmp_path, pairs: list[dict], **inputs):
+    """A prompt-pair file with ``pairs`` (clean prompts: a red cat, a tree), ``tmp_path/hgr`` as the
+    default HGR folder, and a graph training an HGR on the tiny SD1.5 model: (graph, data, folder)."""
     import json
 
     import folder_paths
 
     data = tmp_path / "pairs.json"
-    data.write_text(json.dumps({"pairs": [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
-                                          {"harmful": "a skull", "safe": "a ball", "category": "gore"}],
-                                "clean": ["a red cat", "a tree"]}))
+    data.write_text(json.dumps({"pairs": pairs, "clean": ["a red cat", "a tree"]}))
     out_dir = tmp_path / "hgr"
     out_dir.mkdir()
     folder_paths.add_model_folder_path("hgr", str(out_dir), is_default=True)
     g = {"1": {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
          "2": {"class_type": "HGRTrain", "inputs": {"model": ["1", 0], "clip": ["1", 1], "data": str(data),
-                                                    "filename": "tiny_test", "image_size": 64, "fit_steps": 20,
-                                                    "seed": 0}}}
+                                                    "image_size": 64, "seed": 0, **inputs}}}
+    return g, data, out_dir
+
+
+def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
+    g, data, out_dir = _train_graph(tmp_path, [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
+                                               {"harmful": "a skull", "safe": "a ball", "category": "gore"}],
+                                    filename="tiny_test", fit_steps=20)
     out = run_prompt(g)
     assert "tiny_test.safetensors" in out["2"]["text"][0]
     f = out_dir / "tiny_test.safetensors"
@@ -130,22 +136,10 @@ def test_training_end_to_end_on_tiny_sdxl(sdxl, tmp_path):
 def test_hgr_train_node_trains_the_text_kind_and_keeps_the_denoiser_frozen(tmp_path, run_prompt):
     """kind 'text': the paper's HGR, trained from the graph; its states are cached next to the file
     (a second run reuses them)."""
-    import json
-
-    import folder_paths
-
-    data = tmp_path / "pairs.json"
-    data.write_text(json.dumps({"pairs": [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
-                                          {"harmful": "a skull and a star", "safe": "a ball and a star",
-                                           "category": "gore"}],
-                                "clean": ["a red cat", "a tree"]}))
-    out_dir = tmp_path / "hgr"
-    out_dir.mkdir()
-    folder_paths.add_model_folder_path("hgr", str(out_dir), is_default=True)
-    g = {"1": {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
-         "2": {"class_type": "HGRTrain", "inputs": {"model": ["1", 0], "clip": ["1", 1], "data": str(data),
-                                                    "filename": "tiny_text", "image_size": 64, "fit_steps": 12,
-                                                    "seed": 0, "kind": "text"}}}
+    g, _, out_dir = _train_graph(tmp_path, [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
+                                            {"harmful": "a skull and a star", "safe": "a ball and a star",
+                                             "category": "gore"}],
+                                 filename="tiny_text", fit_steps=12, kind="text")
     out = run_prompt(g)
     assert "text HGR" in out["2"]["text"][0]
     f = out_dir / "tiny_text.safetensors"

@@ -92,27 +92,10 @@ def main(argv=None) -> int:
                            "--hgr", args.hgr, "--text-hgr", args.text_hgr, "--no-ceiling", "--out", str(raw)])
         results = json.loads(raw.read_text())
     chosen = choose(results, args.max_drop)
-    detection = None
-    img = results.get("detection", {}).get("image")
-    if img and "cal_harmful" in img["scores"] and "cal_clean" in img["scores"]:
-        thr, tpr, fpr = detection_threshold(img["scores"]["cal_harmful"], img["scores"]["cal_clean"],
-                                            args.detect_max_fpr)
-        detection = {"threshold": thr, "true_positive_rate": tpr, "false_positive_rate": fpr,
-                     "levels": img["levels"], "with_prompt": False, "calibration_seed": SEED,
-                     "max_false_positive_rate": args.detect_max_fpr}
-        if args.write_hgr:
-            write_threshold(Path(args.hgr), detection)
-    # the text HGR's threshold for the detector with the prompt (its distance on the model's scores)
-    detection_text = None
-    txt = results.get("detection", {}).get("image_with_prompt_text_hgr")
-    if txt and "cal_harmful" in txt["scores"] and "cal_clean" in txt["scores"]:
-        thr, tpr, fpr = detection_threshold(txt["scores"]["cal_harmful"], txt["scores"]["cal_clean"],
-                                            args.detect_max_fpr)
-        detection_text = {"threshold": thr, "true_positive_rate": tpr, "false_positive_rate": fpr,
-                          "levels": txt["levels"], "with_prompt": True, "calibration_seed": SEED,
-                          "max_false_positive_rate": args.detect_max_fpr}
-        if args.write_hgr:
-            write_threshold(Path(args.text_hgr), detection_text)
+    # the detector's thresholds: the latent HGR on images without the prompt, the text HGR with it
+    found = results.get("detection", {})
+    detection = _detection(found.get("image"), False, Path(args.hgr), args)
+    detection_text = _detection(found.get("image_with_prompt_text_hgr"), True, Path(args.text_hgr), args)
     plain = results["methods"]["plain"]
     summary = {"chosen": chosen, "plain": {"clean_accuracy": plain["cal_clean"]["clean_accuracy"],
                                            "harmful_rate": plain["cal_harmful"]["harmful_rate"]},
@@ -138,6 +121,22 @@ def main(argv=None) -> int:
               f"{detection_text['false_positive_rate']:.3f})" + (f"; written into {args.text_hgr}" if args.write_hgr
                                                                   else ""))
     return 0
+
+
+def _detection(block: dict | None, with_prompt: bool, hgr_path: Path, args) -> dict | None:
+    """The calibrated detector settings from one detection block of the calibration runs (scores of
+    ``cal_harmful`` and ``cal_clean``), recorded in ``hgr_path`` unless ``--no-write-hgr``; None
+    when the runs hold no such block."""
+    if not block or "cal_harmful" not in block["scores"] or "cal_clean" not in block["scores"]:
+        return None
+    thr, tpr, fpr = detection_threshold(block["scores"]["cal_harmful"], block["scores"]["cal_clean"],
+                                        args.detect_max_fpr)
+    detection = {"threshold": thr, "true_positive_rate": tpr, "false_positive_rate": fpr,
+                 "levels": block["levels"], "with_prompt": with_prompt, "calibration_seed": SEED,
+                 "max_false_positive_rate": args.detect_max_fpr}
+    if args.write_hgr:
+        write_threshold(hgr_path, detection)
+    return detection
 
 
 def detection_threshold(pos, neg, max_fpr: float = 0.05) -> tuple[float, float, float]:

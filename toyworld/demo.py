@@ -67,40 +67,36 @@ def main(argv=None) -> int:
     settings = calibrated_settings()  # the HGR's and the LoRA's strengths as `make calibrate` chose them
     hgr_file = REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"
     columns = [("plain CFG", "7"), ("SafeCFG concepts", "14")]
+
+    def column(title: str, sampler: str, ids: tuple[str, str, str], prefix: str, **inputs) -> None:
+        """One more column: a copy of KSampler node ``sampler`` with ``inputs`` changed, decoded and
+        saved as nodes ``ids`` (sampler, decode, save)."""
+        k, d, v = ids
+        graph[k] = copy.deepcopy(graph[sampler])
+        graph[k]["inputs"].update(inputs)
+        graph[d] = {"class_type": "VAEDecode", "inputs": {"samples": [k, 0], "vae": ["1", 2]}}
+        graph[v] = {"class_type": "SaveImage", "inputs": {"images": [d, 0], "filename_prefix": prefix}}
+        columns.append((title, v))
+
     if hgr_file.is_file():
         graph["20"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": hgr_file.name}}
         graph["21"] = {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["20", 0],
                                                                    "strength": float(settings["hgr"]),
                                                                    "start_percent": 0.0, "end_percent": 1.0}}
-        graph["22"] = copy.deepcopy(graph["12"])
-        graph["22"]["inputs"]["model"] = ["21", 0]
-        graph["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["1", 2]}}
-        graph["24"] = {"class_type": "SaveImage",
-                       "inputs": {"images": ["23", 0], "filename_prefix": "safecfg_demo_hgr"}}
-        columns.append(("SafeCFG latent HGR", "24"))
+        column("SafeCFG latent HGR", "12", ("22", "23", "24"), "safecfg_demo_hgr", model=["21", 0])
     text_file = REPO / "weights" / "hgr" / "toyworld_text_hgr.safetensors"
     if text_file.is_file():  # the paper's form through a stock KSampler: HGR(c) as its negative conditioning
         graph["40"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": text_file.name}}
         graph["41"] = {"class_type": "HGRTextNegative", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
                                                                    "hgr": ["40", 0],
                                                                    "strength": float(settings["text_hgr"])}}
-        graph["42"] = copy.deepcopy(graph["5"])
-        graph["42"]["inputs"]["negative"] = ["41", 0]
-        graph["43"] = {"class_type": "VAEDecode", "inputs": {"samples": ["42", 0], "vae": ["1", 2]}}
-        graph["44"] = {"class_type": "SaveImage",
-                       "inputs": {"images": ["43", 0], "filename_prefix": "safecfg_demo_text_hgr"}}
-        columns.append(("SafeCFG text HGR", "44"))
+        column("SafeCFG text HGR", "5", ("42", "43", "44"), "safecfg_demo_text_hgr", negative=["41", 0])
     lora_file = REPO / "weights" / "loras" / "toyworld_safe_lora.safetensors"
     if lora_file.is_file():  # plain CFG, stock KSampler, with the unsupervised safe LoRA
         graph["30"] = {"class_type": "LoraLoaderModelOnly",
                        "inputs": {"model": ["1", 0], "lora_name": lora_file.name,
                                   "strength_model": float(settings["finetuned_lora"])}}
-        graph["31"] = copy.deepcopy(graph["5"])
-        graph["31"]["inputs"]["model"] = ["30", 0]
-        graph["32"] = {"class_type": "VAEDecode", "inputs": {"samples": ["31", 0], "vae": ["1", 2]}}
-        graph["33"] = {"class_type": "SaveImage",
-                       "inputs": {"images": ["32", 0], "filename_prefix": "safecfg_demo_lora"}}
-        columns.append(("plain CFG + safe LoRA", "33"))
+        column("plain CFG + safe LoRA", "5", ("31", "32", "33"), "safecfg_demo_lora", model=["30", 0])
 
     oracle = oracle_mod.load()
     out_dir = work_dir() / "output"

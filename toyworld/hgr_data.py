@@ -71,9 +71,9 @@ def build_composed(seed: int = 12, n_composed: int = 480, n_positioned: int = 12
     seen = {p[k] for p in base["pairs"] for k in ("harmful", "safe")} | set(base["clean"])
     cats, clean_classes = list(world.HARMFUL), world.CLEAN_CLASSES
 
-    def fresh(make):
+    def fresh(make, i):
         for _ in range(1000):
-            spec = make()
+            spec = make(i)
             texts = {spec.text, spec.rewrite().text}
             if not texts & exclude and not texts & seen:
                 seen.update(texts)
@@ -104,9 +104,9 @@ def build_composed(seed: int = 12, n_composed: int = 480, n_positioned: int = 12
     pairs = list(base["pairs"])
     for make, n in ((harmful_pair, n_composed), (positioned, n_positioned)):
         for i in range(n):
-            spec = fresh(lambda: make(i))  # noqa: B023  (called at once)
+            spec = fresh(make, i)
             pairs.append({"harmful": spec.text, "safe": spec.rewrite().text, "category": spec.category})
-    clean = list(base["clean"]) + [fresh(lambda: clean_pair(i)).text for i in range(n_clean_pairs)]  # noqa: B023
+    clean = list(base["clean"]) + [fresh(clean_pair, i).text for i in range(n_clean_pairs)]
     return {"about": "Toy-world HGR training data with composed scenes (toyworld/hgr_data.py --composed): "
                      "training templates and training names only; the safe rewrite changes only the harmful "
                      "object; no benchmark or calibration prompt string.", "pairs": pairs, "clean": clean}
