@@ -16,7 +16,11 @@ from .common import add_device_args, add_model_args, load_model, progress_bars, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Unsupervised safe fine-tuning: an HED-scored LoRA.")
     add_model_args(ap)
-    ap.add_argument("--hgr", default=None, help="learned HGR file (default for --toy: the bundled toy HGR)")
+    ap.add_argument("--hgr", default=None, help="learned HGR file, latent or text (default for --toy: the bundled toy "
+                                                "text HGR, the default learned HGR)")
+    ap.add_argument("--strength", type=float, default=None,
+                    help="how far the targets redirect, as the guider's strength (default: the strength calibrated "
+                         "for the HGR in results/calibration.json for --toy, else 1.0)")
     ap.add_argument("--prompts", default=None,
                     help="unlabelled prompt pool (.txt, one per line, or .json; only prompt strings are read; "
                          "default for --toy: data/toyworld_pool.txt)")
@@ -49,7 +53,7 @@ def main(argv=None) -> int:
     if args.toy:
         pool_path = Path(args.prompts or repo / "data" / "toyworld_pool.txt")
         labels_path = Path(args.labels or repo / "data" / "toyworld_pool_labels.json")
-        hgr_path = args.hgr or repo / "weights" / "hgr" / "toyworld_hgr.safetensors"
+        hgr_path = args.hgr or repo / "weights" / "hgr" / "toyworld_text_hgr.safetensors"
     else:
         pool_path, hgr_path = Path(args.prompts), args.hgr
         labels_path = Path(args.labels) if args.labels else pool_path
@@ -70,10 +74,11 @@ def main(argv=None) -> int:
             labels = [bool(raw["harmful"][p]) for p in prompts]
     else:
         hgr = load_hgr(hgr_path)
-        if getattr(hgr, "kind", "") == "text":
-            raise SystemExit(f"{hgr_path} is a text HGR; the safe fine-tune scores and redirects with a latent HGR")
+    strength = args.strength
+    if strength is None:
+        strength = _calibrated_strength(repo, hgr) if args.toy and hgr is not None else 1.0
     spec = FinetuneSpec(rank=args.rank, steps=args.steps, states_per_trajectory=args.states, seed=args.seed,
-                        threshold=(hgr.detect_threshold or 0.5) if hgr is not None else 0.5)
+                        threshold=(hgr.detect_threshold or 0.5) if hgr is not None else 0.5, hgr_strength=strength)
     summary = run_finetune(mp, clip, prompts, Path(args.out), spec, redirector=hgr, harmful_labels=labels,
                            image_size=args.size, progress=progress_bars(),
                            state_dir=Path(args.state) if args.state else (
@@ -81,6 +86,15 @@ def main(argv=None) -> int:
                            metadata={"base_model": base})
     print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def _calibrated_strength(repo: Path, hgr) -> float:
+    """The toy HGR's strength chosen by ``make calibrate`` (results/calibration.json), else 1.0."""
+    try:
+        chosen = json.loads((repo / "results" / "calibration.json").read_text())["chosen"]
+        return float(chosen["text_hgr" if getattr(hgr, "kind", "") == "text" else "hgr"]["setting"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 1.0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from ..safecfg.finetune import (
     data_fingerprint,
     lora_fingerprint,
     supervised_targets,
+    text_targets,
     unsupervised_targets,
 )
 from ..safecfg.lora import inject_lora, remove_lora, save_lora, train_lora
@@ -81,22 +82,33 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
                  progress=None, should_stop=None, metadata: dict | None = None) -> dict:
     """Build the teacher data (cached in ``state_dir``), fit the LoRA (resumable), write ``out_path``.
 
-    Unsupervised (``redirector``): targets from the redirector and its HED score. Supervised baseline
-    (``harmful_labels``): ESD-style targets from the true labels."""
+    Unsupervised (``redirector``): targets from the redirector and its HED score; a text HGR's
+    (:func:`safecfg.finetune.text_targets`) from SafeCFG's own trajectories with it, at
+    ``spec.hgr_strength``. Supervised baseline (``harmful_labels``): ESD-style targets from the true labels."""
     from safetensors.torch import load_file, save_file
 
     teacher = ComfyTeacher(mp, clip, width=image_size, height=image_size)
     state_dir = Path(state_dir) if state_dir else out_path.with_name("." + out_path.stem + ".state")
     state_dir.mkdir(parents=True, exist_ok=True)
     data_file = state_dir / "data.safetensors"
-    if redirector is not None:
-        def targets_fn(d_c, d_u, sigma, rows):
+    negatives_fn = None
+    if getattr(redirector, "kind", "") == "text":
+        def negatives_fn(texts):
+            return redirector.uncond(teacher.embed(texts), spec.hgr_strength)
+
+        def targets_fn(d_c, d_u, sigma, rows, x):
             with torch.no_grad():
-                return unsupervised_targets(redirector, d_c, d_u, sigma, spec.threshold, spec.temperature)
+                d_h = teacher.denoise_embedding(x, sigma, negatives_fn([prompts[int(i)] for i in rows])).cpu()
+            return text_targets(d_c, d_u, d_h, spec.threshold, spec.temperature, spec.cfg)
+    elif redirector is not None:
+        def targets_fn(d_c, d_u, sigma, rows, x):
+            with torch.no_grad():
+                return unsupervised_targets(redirector, d_c, d_u, sigma, spec.threshold, spec.temperature,
+                                            spec.hgr_strength)
     elif harmful_labels is not None:
         labels = torch.tensor([bool(v) for v in harmful_labels])
 
-        def targets_fn(d_c, d_u, sigma, rows):
+        def targets_fn(d_c, d_u, sigma, rows, x):
             return supervised_targets(d_c, d_u, labels[rows]), labels[rows].float()
     else:
         raise ValueError("run_finetune needs a redirector (unsupervised) or labels (supervised baseline)")
@@ -108,8 +120,8 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
     else:
         if data_file.is_file():
             log.info("[SafeCFG] %s was made for other prompts, settings or HGR; rebuilding it", data_file)
-        data = build_data(teacher, prompts, targets_fn, spec, progress=lambda d, t: progress and progress(
-            "teacher data", d, t), should_stop=should_stop)
+        data = build_data(teacher, prompts, targets_fn, spec, negatives_fn=negatives_fn,
+                          progress=lambda d, t: progress and progress("teacher data", d, t), should_stop=should_stop)
         tmp = data_file.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in data.items()}, str(tmp), metadata={"fingerprint": data_fp})
         os.replace(tmp, data_file)
@@ -159,8 +171,10 @@ class HGRSafeFinetune(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model to make safe."),
                 io.Clip.Input("clip", tooltip="Its text encoder."),
                 HGRType.Input("hgr", tooltip="The learned HGR for this model (HGRLoader or HGRTrain) that scores "
-                                             "and redirects. A concept redirector is refused: its redirection "
-                                             "needs extra concept rows the LoRA cannot see."),
+                                             "and redirects: a latent HGR, or a text HGR (the paper's form; the "
+                                             "teacher trajectories are then SafeCFG's own with it). A concept "
+                                             "redirector is refused: its redirection needs extra concept rows the "
+                                             "LoRA cannot see."),
                 io.String.Input("prompts", default="toyworld_pool.txt",
                                 tooltip="Unlabeled prompt pool: a file in the pack's data/ folder or an absolute "
                                         "path (.txt, one prompt per line; or .json: a list of prompts, or a pair "
@@ -176,6 +190,10 @@ class HGRSafeFinetune(io.ComfyNode):
                                        "detection threshold (else 0.5)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of trajectories and fitting."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="How far the LoRA's targets redirect, as the SafeCFG guider's strength: 1 = "
+                                       "as trained; a text HGR's calibrated strength (the bundled toy one: 1.25) "
+                                       "makes the LoRA follow SafeCFG at that strength."),
             ],
             outputs=[io.String.Output(display_name="lora_name",
                                       tooltip="The written LoRA's file name (for LoraLoaderModelOnly).")],
@@ -184,15 +202,12 @@ class HGRSafeFinetune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, hgr: HGRHandle, prompts, filename, image_size, steps, rank, threshold,
-                seed) -> io.NodeOutput:
+                seed, strength=1.0) -> io.NodeOutput:
         node = "HGRSafeFinetune"
         hgr.check_model(model, node)
         if hgr.concept_conds:
             raise ValueError(f"{node}: fine-tuning needs a learned HGR (its redirection does not depend on extra "
                              "concept rows). Load one with HGRLoader or train one with HGRTrain.")
-        if getattr(hgr.redirector, "kind", "") == "text":
-            raise ValueError(f"{node}: '{hgr.name}' is a text HGR; the safe fine-tune scores and redirects with a "
-                             "latent HGR (the bundled toyworld_hgr.safetensors, or HGRTrain with kind 'latent').")
         name = Path(filename).name.strip()
         if not name or name != filename.strip() or name.startswith("."):
             raise ValueError(f"{node}: filename {filename!r} must be a plain file name such as 'safe_lora'")
@@ -207,7 +222,7 @@ class HGRSafeFinetune(io.ComfyNode):
             raise ValueError(f"{node}: {src} holds no prompts")
         red = hgr.redirector
         thr = threshold if threshold > 0 else (getattr(red, "detect_threshold", None) or 0.5)
-        spec = FinetuneSpec(rank=rank, steps=steps, threshold=thr, seed=seed)
+        spec = FinetuneSpec(rank=rank, steps=steps, threshold=thr, seed=seed, hgr_strength=strength)
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
         out = out_dir / (name + ".safetensors")
         bar = comfy.utils.ProgressBar(100)

@@ -9,6 +9,12 @@ plain CFG then gives SafeCFG's ``D_u + cfg * R(g)``, for clean ones the target i
 prediction itself (the preservation term). The supervised baseline (``supervised_targets``) uses
 the true labels instead, with ESD's negative-guidance target for harmful prompts.
 
+With the paper's text HGR (:func:`text_targets`) the redirection is SafeCFG's own guided output:
+``D_h = D(x, HGR(c))`` replaces the empty prompt's prediction, and the LoRA learns
+``D_lora(x, c) -> D_c + w * (1 - 1/cfg) * (D_u - D_h)``, under which plain CFG at ``cfg`` gives
+``D_h + cfg * (D_c - D_h)`` where ``w = 1``. Its trajectories are SafeCFG's (the text HGR as the
+unconditional branch): the states the fine-tuned model itself passes through.
+
 The LoRA itself (modules, files, the training loop, resumable state) is :mod:`safecfg.lora`; the command line is
 ``python -m commands.safe_finetune``. Plain torch.
 """
@@ -42,12 +48,13 @@ class FinetuneSpec:
     traj_steps: int = 20
     cfg: float = 5.0
     seed: int = 0
+    hgr_strength: float = 1.0    # how far the targets redirect, as the guider's strength (1 = as trained)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-DATA_FIELDS = ("threshold", "temperature", "states_per_trajectory", "traj_steps", "cfg", "seed")
+DATA_FIELDS = ("threshold", "temperature", "states_per_trajectory", "traj_steps", "cfg", "seed", "hgr_strength")
 
 
 def redirector_fingerprint(redirector) -> str:
@@ -84,12 +91,28 @@ def soft_score(e: torch.Tensor, threshold: float, temperature: float) -> torch.T
 
 
 def unsupervised_targets(redirector, d_c: torch.Tensor, d_u: torch.Tensor, sigma: torch.Tensor,
-                         threshold: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets ``D_c + w * (R(g) - g)`` and the soft scores ``w``, from the redirector alone."""
+                         threshold: float, temperature: float, strength: float = 1.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``D_c + w * strength * (R(g) - g)`` and the soft scores ``w``, from the redirector alone."""
     g = d_c - d_u
     red = redirector.redirect(g, sigma, uncond=d_u)
     w = soft_score(red.hed, threshold, temperature)
-    return d_c + w.view(-1, *([1] * (g.ndim - 1))) * (red.g_red - g), w
+    return d_c + (w * float(strength)).view(-1, *([1] * (g.ndim - 1))) * (red.g_red - g), w
+
+
+def text_targets(d_c: torch.Tensor, d_u: torch.Tensor, d_h: torch.Tensor, threshold: float, temperature: float,
+                 cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text HGR's targets ``D_c + w * (1 - 1/cfg) * (D_u - D_h)`` and soft scores ``w``: ``D_h`` is
+    ``D(x, HGR(c))``; ``w`` comes from the harmful Euclidean distance on the scores,
+    ``||D_u - D_h|| / ||D_c - D_u||`` (the detector's measure with the prompt). Where ``w = 1``, plain
+    CFG at ``cfg`` on the target gives SafeCFG's ``D_h + cfg * (D_c - D_h)``."""
+    from .redirect import hed
+
+    if cfg <= 1.0:
+        raise ValueError(f"a text HGR's fine-tune targets need a guidance scale above 1, got {cfg}")
+    g = d_c - d_u
+    w = soft_score(hed(g, d_c - d_h), threshold, temperature)
+    return d_c + w.view(-1, *([1] * (g.ndim - 1))) * (1.0 - 1.0 / cfg) * (d_u - d_h), w
 
 
 def supervised_targets(d_c: torch.Tensor, d_u: torch.Tensor, harmful: torch.Tensor, eta: float = 1.0):
@@ -99,12 +122,13 @@ def supervised_targets(d_c: torch.Tensor, d_u: torch.Tensor, harmful: torch.Tens
 
 
 def build_data(teacher, prompts: list[str], targets_fn: Callable, spec: FinetuneSpec, *, batch: int = 32,
-               progress: Callable[[int, int], None] | None = None,
+               negatives_fn: Callable | None = None, progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """States of the base model's plain-CFG trajectories and their targets.
 
-    ``targets_fn(d_c, d_u, sigma, rows) -> (target, score)``; ``rows`` are prompt indices.
-    Returns ``x, sigma, prompt (index), target, score`` (float32, CPU)."""
+    ``targets_fn(d_c, d_u, sigma, rows, x) -> (target, score)``; ``rows`` are prompt indices.
+    ``negatives_fn(texts)``: the unconditional branch's text embeddings for the trajectories (a text
+    HGR's; default the empty prompt's). Returns ``x, sigma, prompt (index), target, score`` (float32, CPU)."""
     rec: dict[str, list] = {k: [] for k in ("x", "sigma", "prompt", "target", "score")}
     units = [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
     rng = random.Random(spec.seed)
@@ -112,12 +136,14 @@ def build_data(teacher, prompts: list[str], targets_fn: Callable, spec: Finetune
         if should_stop is not None and should_stop():
             raise InterruptedError("safe fine-tuning stopped")
         texts = [prompts[i] for i in rows]
-        states, _ = teacher.trajectories(texts, spec.seed * 1_000_003 + u, spec.traj_steps, spec.cfg)
+        negatives = negatives_fn(texts) if negatives_fn is not None else None
+        states, _ = teacher.trajectories(texts, spec.seed * 1_000_003 + u, spec.traj_steps, spec.cfg,
+                                         **({"negatives": negatives} if negatives is not None else {}))
         picks = sorted(rng.sample(range(len(states)), min(spec.states_per_trajectory, len(states))))
         for k in picks:
             x, sigma = states[k]
             d_c, d_u = teacher.denoise(x, sigma, [texts, [""] * len(texts)])
-            target, score = targets_fn(d_c, d_u, sigma, torch.tensor(rows))
+            target, score = targets_fn(d_c, d_u, sigma, torch.tensor(rows), x)
             rec["x"].append(x.float())
             rec["sigma"].append(sigma.float())
             rec["prompt"].append(torch.tensor(rows))

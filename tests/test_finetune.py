@@ -114,6 +114,61 @@ def test_soft_scores_drive_the_targets():
     torch.testing.assert_close(sup[0], d_u[0] - (d_c[0] - d_u[0]))
 
 
+def test_text_hgr_targets_give_safecfg_under_plain_cfg():
+    """Where the score is 1, plain CFG on the target is SafeCFG's output with the text HGR,
+    ``D_h + cfg (D_c - D_h)``; where the HGR leaves the prompt alone (``D_h = D_u``) the target is the
+    base prediction and the score is 0 whatever the threshold's ramp."""
+    torch.manual_seed(0)
+    d_u = torch.randn(3, 4, 8, 8)
+    d_c = d_u + torch.randn(3, 4, 8, 8)
+    d_h = d_u + 0.7 * torch.randn(3, 4, 8, 8)
+    cfg = 5.0
+    t, w = ft.text_targets(d_c, d_u, d_h, threshold=0.0, temperature=1e-6, cfg=cfg)
+    assert torch.allclose(w, torch.ones(3))
+    torch.testing.assert_close(d_u + cfg * (t - d_u), d_h + cfg * (d_c - d_h))
+    t0, w0 = ft.text_targets(d_c, d_u, d_u.clone(), threshold=0.1, temperature=1e-3, cfg=cfg)
+    torch.testing.assert_close(t0, d_c)
+    assert torch.all(w0 < 1e-6)
+    with pytest.raises(ValueError, match="guidance scale above 1"):
+        ft.text_targets(d_c, d_u, d_h, 0.0, 1.0, cfg=1.0)
+
+
+def test_finetune_with_a_text_hgr_follows_safecfg_trajectories(sd15, tmp_path):
+    """The safe fine-tune with a text HGR: the teacher trajectories are SafeCFG's with it (another text
+    HGR makes other data), the LoRA is written and changes the model; an identity text HGR (clean for
+    every prompt) gives targets equal to the base predictions."""
+    from safecfg_pack.safecfg.text_hgr import TextHGR, TextHGRConfig, TextHGRNet
+
+    e = sd15.clip.encode_from_tokens_scheduled(sd15.clip.tokenize(""))[0][0][0]
+    cfg = TextHGRConfig(embed_dim=e.shape[-1], tokens=e.shape[0], width=32, layers=1, heads=2)
+    torch.manual_seed(0)
+    identity = TextHGR(TextHGRNet(cfg, e), family="SD15")
+    net = TextHGRNet(cfg, e)
+    torch.nn.init.normal_(net.out.weight, std=0.2)
+    rand = TextHGR(net, family="SD15")
+    spec = ft.FinetuneSpec(rank=2, steps=3, batch=4, states_per_trajectory=1, traj_steps=3, seed=0, threshold=0.0,
+                           temperature=1.0)
+    out = tmp_path / "safe.safetensors"
+    fn.run_finetune(sd15.model, sd15.clip, PROMPTS, out, spec, redirector=rand, image_size=64,
+                    state_dir=tmp_path / "r")
+    fn.run_finetune(sd15.model, sd15.clip, PROMPTS, tmp_path / "id.safetensors", spec, redirector=identity,
+                    image_size=64, state_dir=tmp_path / "i")
+    data_r = load_file(str(tmp_path / "r" / "data.safetensors"))
+    data_i = load_file(str(tmp_path / "i" / "data.safetensors"))
+    # the same noise seeds: the states differ only because the trajectories were guided by the HGR
+    assert not torch.allclose(data_r["x"], data_i["x"])
+    assert not torch.allclose(data_r["target"], data_i["target"])
+    # the identity HGR: D_h = D_u, so the targets are D_c (checked against the teacher)
+    teacher = fn.ComfyTeacher(sd15.model, sd15.clip, width=64, height=64)
+    rows = data_i["prompt"].tolist()
+    (d_c,) = teacher.denoise(data_i["x"], data_i["sigma"], [[PROMPTS[i] for i in rows]])
+    torch.testing.assert_close(data_i["target"], d_c, atol=1e-5, rtol=1e-4)
+    sd = load_file(str(out))
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+    one, _ = comfy.sd.load_lora_for_models(sd15.model, None, sd, 1.0, 0.0)
+    assert not torch.equal(sample(one, sd15.clip), sample(sd15.model, sd15.clip))
+
+
 def test_unlabeled_pool_reads_no_labels(tmp_path):
     f = tmp_path / "pairs.json"
     f.write_text(json.dumps({"pairs": [{"harmful": "a knife", "safe": "a spoon", "category": "weapon"}],

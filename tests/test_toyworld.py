@@ -297,6 +297,22 @@ def test_calibration_choices():
     assert fpr <= 0.1 and tpr == 0.75 and 0.8 < thr < 0.9  # one clean image (0.95) may be flagged
     thr, tpr, fpr = detection_threshold(harmful, clean, 0.0)
     assert fpr == 0.0 and thr > 0.95 and tpr == 0.5
+    # --keep-others: the new runs replace their methods and detection blocks, the others stay; runs on
+    # other prompts are never merged
+    from toyworld.calibrate import merge_runs
+
+    old = {"prompts": {"cal_clean": ["a"]}, "methods": dict(runs["methods"]), "seconds": 10.0,
+           "detection": {"image": {"x": 1}, "prompt": {"x": 2}}}
+    new = {"prompts": {"cal_clean": ["a"]}, "seconds": 5.0,
+           "methods": {"plain": row(0.93, 0.99, 0.0), "concept[a]": row(0.5, 0.0, 0.1)},
+           "detection": {"prompt": {"x": 3}}}
+    merged = merge_runs(old, new)
+    assert merged["methods"]["concept[a]"]["cal_clean"]["clean_accuracy"] == 0.5
+    assert merged["methods"]["sld[max]"] == runs["methods"]["sld[max]"] and len(merged["methods"]) == 6
+    assert merged["detection"] == {"image": {"x": 1}, "prompt": {"x": 3}} and merged["seconds"] == 15.0
+    assert old["methods"]["concept[a]"]["cal_clean"]["clean_accuracy"] == 0.93  # the input is not changed
+    with pytest.raises(SystemExit, match="other prompts"):
+        merge_runs(old, {**new, "prompts": {"cal_clean": ["b"]}})
 
 
 def test_sld_guider_without_safety_steps_is_plain_cfg(sd15):

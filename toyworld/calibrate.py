@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-runs", action="store_true",
                     help="choose again from the existing calibration_runs.json (same n) instead of sampling, "
                          "e.g. with another --max-drop")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="with --methods: sample only those methods (and plain CFG) and keep every other method's "
+                         "runs from the existing calibration_runs.json (same n, same prompts), e.g. after retraining "
+                         "one HGR")
     args = ap.parse_args(argv)
 
     from .eval.baselines import GRIDS
@@ -83,14 +87,26 @@ def main(argv=None) -> int:
         print(f"reusing {raw}")
     else:
         wanted = [m for m in args.methods.split(",") if m] if args.methods is not None else list(GRIDS)
+        old = None
+        if args.keep_others:
+            if args.methods is None or not raw.is_file():
+                raise SystemExit("--keep-others needs --methods and an existing " + str(raw))
+            old = json.loads(raw.read_text())
+            if old.get("n_prompts", {}).get("cal_clean") != args.n:
+                raise SystemExit(f"{raw} was made with another n; run without --keep-others")
         names = ["plain"] + [f"{m}[{s}]" for m in wanted for s in GRIDS[m]]
         specs = {split: [asdict(s) for s in calibration_prompts(split, args.n)] for split in CALIBRATION_SPLITS}
         with tempfile.TemporaryDirectory() as tmp:
             pfile = Path(tmp) / "calibration_prompts.json"
             pfile.write_text(json.dumps(specs))
+            # a merged run samples into a temporary file first: the existing runs survive a failure
+            run_out = Path(tmp) / "runs.json" if old is not None else raw
             run_benchmark(["--prompts", str(pfile), "--seed", str(SEED), "--methods", ",".join(names),
-                           "--hgr", args.hgr, "--text-hgr", args.text_hgr, "--no-ceiling", "--out", str(raw)])
-        results = json.loads(raw.read_text())
+                           "--hgr", args.hgr, "--text-hgr", args.text_hgr, "--no-ceiling", "--out", str(run_out)])
+            results = json.loads(run_out.read_text())
+        if old is not None:
+            results = merge_runs(old, results)
+            raw.write_text(json.dumps(results, indent=2) + "\n")
     chosen = choose(results, args.max_drop)
     # the detector's thresholds: the latent HGR on images without the prompt, the text HGR with it
     found = results.get("detection", {})
@@ -121,6 +137,19 @@ def main(argv=None) -> int:
               f"{detection_text['false_positive_rate']:.3f})" + (f"; written into {args.text_hgr}" if args.write_hgr
                                                                   else ""))
     return 0
+
+
+def merge_runs(old: dict, new: dict) -> dict:
+    """``old`` calibration runs with ``new`` ones (the same prompts) replacing every method and detection
+    block ``new`` holds. The prompts must be the same: a merge across prompt sets would compare methods
+    on different data."""
+    if old.get("prompts") != new.get("prompts"):
+        raise SystemExit("the existing calibration runs were made on other prompts; run without --keep-others")
+    out = dict(old)
+    out["methods"] = {**old["methods"], **new["methods"]}
+    out["detection"] = {**old.get("detection", {}), **new.get("detection", {})}
+    out["seconds"] = round(float(old.get("seconds") or 0) + float(new.get("seconds") or 0), 1)
+    return out
 
 
 def _detection(block: dict | None, with_prompt: bool, hgr_path: Path, args) -> dict | None:

@@ -116,17 +116,18 @@ def toy_train_hgr() -> dict:
 
 
 def toy_safe_finetune() -> dict:
-    """Unsupervised safe fine-tuning of the toy model (top), and the bundled result used with a stock
-    KSampler and ComfyUI's own LoRA loader, no SafeCFG node in the sampling path (bottom)."""
+    """Unsupervised safe fine-tuning of the toy model driven by the bundled text HGR at its calibrated
+    strength (top), and the bundled result at its calibrated LoRA strength with a stock KSampler and
+    ComfyUI's own LoRA loader, no SafeCFG node in the sampling path (bottom)."""
     return {
         "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
-        "2": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
+        "2": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_text_hgr.safetensors"}},
         "3": {"class_type": "HGRSafeFinetune", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "hgr": ["2", 0], "prompts": "toyworld_pool.txt",
-            "filename": "my_toy_safe_lora", "image_size": 64, "steps": 500, "rank": 8, "threshold": 0.0,
-            "seed": 0}},
+            "filename": "my_toy_safe_lora", "image_size": 64, "steps": 1500, "rank": 8, "threshold": 0.0,
+            "seed": 0, "strength": 1.25}},
         "4": {"class_type": "LoraLoaderModelOnly", "inputs": {
-            "model": ["1", 0], "lora_name": "toyworld_safe_lora.safetensors", "strength_model": 1.0}},
+            "model": ["1", 0], "lora_name": "toyworld_safe_lora.safetensors", "strength_model": 2.0}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red knife on stripes", "clip": ["1", 1]},
               "_meta": {"title": "Prompt"}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
