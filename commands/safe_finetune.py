@@ -76,7 +76,11 @@ def main(argv=None) -> int:
         hgr = load_hgr(hgr_path)
     strength = args.strength
     if strength is None:
-        strength = _calibrated_strength(repo, hgr) if args.toy and hgr is not None else 1.0
+        strength = 1.0
+        if args.toy and hgr is not None:  # the strength `make calibrate` chose for the toy HGR (else its default)
+            from toyworld.eval.baselines import calibrated_settings
+
+            strength = float(calibrated_settings()["text_hgr" if getattr(hgr, "kind", "") == "text" else "hgr"])
     spec = FinetuneSpec(rank=args.rank, steps=args.steps, states_per_trajectory=args.states, seed=args.seed,
                         threshold=(hgr.detect_threshold or 0.5) if hgr is not None else 0.5, hgr_strength=strength)
     summary = run_finetune(mp, clip, prompts, Path(args.out), spec, redirector=hgr, harmful_labels=labels,
@@ -86,15 +90,6 @@ def main(argv=None) -> int:
                            metadata={"base_model": base})
     print(json.dumps(summary, indent=1, default=str))
     return 0
-
-
-def _calibrated_strength(repo: Path, hgr) -> float:
-    """The toy HGR's strength chosen by ``make calibrate`` (results/calibration.json), else 1.0."""
-    try:
-        chosen = json.loads((repo / "results" / "calibration.json").read_text())["chosen"]
-        return float(chosen["text_hgr" if getattr(hgr, "kind", "") == "text" else "hgr"]["setting"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return 1.0
 
 
 if __name__ == "__main__":

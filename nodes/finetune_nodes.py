@@ -93,8 +93,15 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
     data_file = state_dir / "data.safetensors"
     negatives_fn = None
     if getattr(redirector, "kind", "") == "text":
+        last: dict = {}
+
         def negatives_fn(texts):
-            return redirector.uncond(teacher.embed(texts), spec.hgr_strength)
+            # HGR(c) once per batch of prompts: its trajectories and each of its picked states share it
+            key = tuple(texts)
+            if key not in last:
+                last.clear()
+                last[key] = redirector.uncond(teacher.embed(texts), spec.hgr_strength)
+            return last[key]
 
         def targets_fn(d_c, d_u, sigma, rows, x):
             with torch.no_grad():

@@ -136,9 +136,8 @@ def build_data(teacher, prompts: list[str], targets_fn: Callable, spec: Finetune
         if should_stop is not None and should_stop():
             raise InterruptedError("safe fine-tuning stopped")
         texts = [prompts[i] for i in rows]
-        negatives = negatives_fn(texts) if negatives_fn is not None else None
         states, _ = teacher.trajectories(texts, spec.seed * 1_000_003 + u, spec.traj_steps, spec.cfg,
-                                         **({"negatives": negatives} if negatives is not None else {}))
+                                         negatives=negatives_fn(texts) if negatives_fn is not None else None)
         picks = sorted(rng.sample(range(len(states)), min(spec.states_per_trajectory, len(states))))
         for k in picks:
             x, sigma = states[k]
