@@ -57,15 +57,19 @@ toy-train-unet: bootstrap
 
 # The paper's text HGR for the toy model (weights/hgr/toyworld_text_hgr.safetensors): teacher data with
 # composed scenes (training templates only), 1000 fit steps and one on-policy round (600 steps), then a
-# second on-policy round sampled with that HGR (800 steps); ~35 min on this CPU
+# second on-policy round sampled with that HGR (800 steps), then its rewriter of the prompt's own
+# embedding (1200 steps on the same pairs' embeddings); ~45 min on this CPU
 toy-train-text-hgr: bootstrap
 	$(PY) -m toyworld.hgr_data --composed
 	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
 		--out .toytrain/toyworld_text_hgr_r1.safetensors --cache .toytrain/text_hgr_cache \
 		--fit-steps 1000 --on-policy-rounds 1 --round-fit-steps 600
 	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
-		--out weights/hgr/toyworld_text_hgr.safetensors --cache .toytrain/text_hgr_cache \
+		--out .toytrain/toyworld_text_hgr_r2.safetensors --cache .toytrain/text_hgr_cache \
 		--init .toytrain/toyworld_text_hgr_r1.safetensors --on-policy-rounds 1 --round-fit-steps 800
+	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
+		--out weights/hgr/toyworld_text_hgr.safetensors --init .toytrain/toyworld_text_hgr_r2.safetensors \
+		--rewrite-steps 1200
 
 # The demo workflow, headless through ComfyUI's executor, with the bundled model -> results/demo_grid.png
 demo: bootstrap

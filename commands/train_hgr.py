@@ -41,6 +41,10 @@ def main(argv=None) -> int:
                                                                       "half of --fit-steps)")
     ap.add_argument("--init", default=None, help="text kind: an already fitted text HGR file to start the on-policy "
                                                  "rounds from (skips the first fit)")
+    ap.add_argument("--rewrite-steps", type=int, default=0,
+                    help="text kind: also fit a rewriter of the prompt's own embedding towards its safe rewrite's "
+                         "(gated by the HGR's harm distance; embeddings only, seconds per 100 steps); with --init "
+                         "and no on-policy rounds, only the rewriter is fitted onto the --init file")
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--num-shards", type=int, default=1, help="split cache building across processes")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,20 +84,39 @@ def main(argv=None) -> int:
 
 
 def _train_text(args, teacher, mp, data, out: Path, base: str, cache_dir: Path, progress) -> int:
-    from safecfg_pack.safecfg.hgr_file import load_hgr
-    from safecfg_pack.safecfg.text_train import TextFitSpec, TextStatesSpec, train_text_hgr
+    from safecfg_pack.safecfg.hgr_file import load_hgr, save_hgr
+    from safecfg_pack.safecfg.text_train import (
+        RewriteSpec,
+        TextFitSpec,
+        TextStatesSpec,
+        add_rewriter,
+        json_safe,
+        train_text_hgr,
+    )
 
     init = None
     if args.init:
         init = load_hgr(args.init)
         if getattr(init, "kind", "") != "text":
             raise SystemExit(f"--init {args.init} is not a text HGR")
-    _, summary = train_text_hgr(teacher, data, cache_dir, out, spec=TextStatesSpec(steps=args.steps, cfg=args.cfg,
-                                                                                    seed=args.seed),
-                                fit_spec=TextFitSpec(steps=args.fit_steps, seed=args.seed), width=args.width or 256,
-                                base_model=base, family=type(mp.model.model_config).__name__, progress=progress,
-                                on_policy_rounds=args.on_policy_rounds, round_fit_steps=args.round_fit_steps,
-                                init=init, notes={"data": str(args.data or "toyworld")})
+    if init is not None and args.on_policy_rounds == 0 and args.rewrite_steps > 0:
+        hgr, summary = init, dict(json_safe(init.metadata.get("training")))
+    else:
+        hgr, summary = train_text_hgr(teacher, data, cache_dir, out,
+                                      spec=TextStatesSpec(steps=args.steps, cfg=args.cfg, seed=args.seed),
+                                      fit_spec=TextFitSpec(steps=args.fit_steps, seed=args.seed),
+                                      width=args.width or 256, base_model=base,
+                                      family=type(mp.model.model_config).__name__, progress=progress,
+                                      on_policy_rounds=args.on_policy_rounds, round_fit_steps=args.round_fit_steps,
+                                      init=init, notes={"data": str(args.data or "toyworld")})
+    if args.rewrite_steps > 0:
+        hgr, r = add_rewriter(hgr, teacher.embed, data, RewriteSpec(steps=args.rewrite_steps, seed=args.seed),
+                              progress=lambda s, t, loss: progress("rewriter", s, t))
+        summary["rewriter"] = dict(r, data=str(args.data or "toyworld"))
+        detection = json_safe((init.metadata if init is not None else {}).get("detection")) or None
+        save_hgr(out, hgr, base_model=base or (init.metadata.get("base_model", "") if init else ""),
+                 training=summary, detection=detection)
+        load_hgr(out)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     print(f"wrote {out}")
     return 0

@@ -76,7 +76,7 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
             raise ValueError(f"{node}: text HGR '{hgr.name}' reads the prompt, so it scores images only with "
                              "their prompt: connect 'positive' (the prompt the images were made with), or use a "
                              "latent HGR, which also scores images without one.")
-        concepts = [text_negative(hgr, positive, uncond, 1.0)]
+        concepts = [text_negative(hgr, positive, uncond, 1.0, rewritten=False)]
         red = TextHGRScorer(red)
     if threshold <= 0:
         threshold = getattr(red, "detect_threshold", None) or DEFAULT_THRESHOLD.get(red.kind, 0.5)

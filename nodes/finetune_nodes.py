@@ -100,7 +100,7 @@ def run_finetune(mp, clip, prompts: list[str], out_path: Path, spec: FinetuneSpe
             key = tuple(texts)
             if key not in last:
                 last.clear()
-                last[key] = redirector.uncond(teacher.embed(texts), spec.hgr_strength)
+                last[key] = redirector.uncond(teacher.embed(texts), spec.hgr_strength, rewritten=False)
             return last[key]
 
         def targets_fn(d_c, d_u, sigma, rows, x):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .hgr_type import HGRHandle, HGRType
-from .sampling import SafeCFGGuider, is_text, patch_model, text_negative
+from .sampling import SafeCFGGuider, is_text, patch_model, text_negative, text_positive
 
 CATEGORY = "SafeCFG"
 
@@ -106,7 +106,12 @@ class HGRTextNegative(io.ComfyNode):
             ],
             outputs=[io.Conditioning.Output(display_name="negative",
                                             tooltip="Connect to KSampler's negative input. It acts at every step "
-                                                    "(for a window, use the SafeCFG Model Patch instead).")],
+                                                    "(for a window, use the SafeCFG Model Patch instead)."),
+                     io.Conditioning.Output(display_name="positive",
+                                            tooltip="Connect to KSampler's positive input. An HGR with a rewriter "
+                                                    "rewrites a harmful prompt's own embedding towards its safe "
+                                                    "rewrite here (a prompt it reads as clean passes unchanged); "
+                                                    "for any other text HGR this is the positive as given.")],
         )
 
     @classmethod
@@ -115,6 +120,7 @@ class HGRTextNegative(io.ComfyNode):
             raise ValueError(f"HGRTextNegative: '{hgr.name}' is not a text-embedding HGR; it acts inside the "
                              "sampler. Use the SafeCFG Guider or the SafeCFG Model Patch with it.")
         try:
-            return io.NodeOutput(text_negative(hgr, positive, negative, strength))
+            return io.NodeOutput(text_negative(hgr, positive, negative, strength),
+                                 text_positive(hgr, positive, strength))
         except ValueError as e:
             raise ValueError(f"HGRTextNegative: {e}") from None

@@ -8,7 +8,10 @@ outside the window is bit-identical to plain CFG.
 A text-embedding HGR (the paper's form, ``redirector.kind == "text"``) changes the unconditional
 branch's *conditioning* instead: inside the window the negative's text embedding becomes
 ``n + s * Delta(c)`` (``n`` the user's negative prompt, ``c`` the positive prompt's embedding),
-computed once per run and prompt, never per step; outside it the negative is the user's own.
+computed once per run and prompt, never per step; outside it the negative is the user's own. A text
+HGR with a rewriter (``redirector.rewrites``) also rewrites the positive's embedding inside the window
+(gated per prompt by its harm distance, so a clean prompt's positive passes bit for bit), and its
+``Delta`` then reads the rewritten prompt.
 """
 
 from __future__ import annotations
@@ -28,24 +31,40 @@ from .hgr_type import HGRHandle
 log = logging.getLogger("SafeCFG")
 CONCEPT_KEY = "safecfg_concept_{}"
 TEXT_NEGATIVE_KEY = "safecfg_text_negative"
+TEXT_POSITIVE_KEY = "safecfg_text_positive"
 
 
 def is_text(handle: HGRHandle) -> bool:
     return getattr(handle.redirector, "kind", "") == "text"
 
 
-def text_negative(handle: HGRHandle, positive, negative, strength: float) -> list:
+def text_negative(handle: HGRHandle, positive, negative, strength: float, rewritten: bool = True) -> list:
     """The negative CONDITIONING a text HGR gives for ``positive``: each negative entry's embedding
     ``n`` becomes ``n + strength * Delta(c)``, ``c`` the first positive entry's embedding (a
     conditioning made of several entries, e.g. by Conditioning (Combine), is read through its first).
-    Other keys (pooled output, areas, masks) are the negative's own."""
+    Other keys (pooled output, areas, masks) are the negative's own. ``rewritten``: an HGR with a
+    rewriter reads the rewritten prompt (sampling); False reads it as given (detection)."""
     if not positive:
         raise ValueError(f"SafeCFG: text HGR '{handle.name}' needs a positive prompt; the positive conditioning "
                          "is empty")
     c = positive[0][0]
     out = []
     for emb, extra in negative:
-        out.append([handle.redirector.uncond(c.to(emb.device), strength, base=emb), dict(extra)])
+        out.append([handle.redirector.uncond(c.to(emb.device), strength, base=emb, rewritten=rewritten),
+                    dict(extra)])
+    return out
+
+
+def text_positive(handle: HGRHandle, positive, strength: float) -> list:
+    """The positive CONDITIONING a text HGR with a rewriter gives: each entry's embedding rewritten
+    (the same entry, unchanged, where the gate is closed or the HGR has no rewriter)."""
+    red = handle.redirector
+    if not getattr(red, "rewrites", False):
+        return positive
+    out = []
+    for emb, extra in positive:
+        new = red.rewrite(emb, strength)
+        out.append([emb, extra] if new is emb else [new, dict(extra)])
     return out
 
 
@@ -98,6 +117,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
         conds = {"positive": positive, "negative": negative}
         if is_text(self.handle) and not self.window.empty:
             conds[TEXT_NEGATIVE_KEY] = text_negative(self.handle, positive, negative, self.window.strength)
+            conds[TEXT_POSITIVE_KEY] = text_positive(self.handle, positive, self.window.strength)
         for i, c in enumerate(self.handle.concept_conds):
             conds[CONCEPT_KEY.format(i)] = node_helpers.conditioning_set_values(c, {"prompt_type": "positive"})
         self.inner_set_conds(conds)
@@ -115,7 +135,8 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
                                                     model_options=model_options, seed=seed)
         if is_text(self.handle):  # the paper's form: the HGR's negative, then core CFG unchanged
             return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds[TEXT_NEGATIVE_KEY],
-                                                    positive, self.cfg, model_options=model_options, seed=seed)
+                                                    self.conds[TEXT_POSITIVE_KEY], self.cfg,
+                                                    model_options=model_options, seed=seed)
         n_concepts = self.handle.redirector.num_concepts
         concepts = [self.conds.get(CONCEPT_KEY.format(i)) for i in range(n_concepts)]
         out = _calc(self.inner_model, [positive, negative] + concepts, x, timestep, model_options)
@@ -218,6 +239,21 @@ def _patch_text(m, handle: HGRHandle, window: Window):
         c = crossattn(conds[0][0])
         if c is None:
             return executor(model, conds, x_in, timestep, model_options)
+
+        def with_crossattn(entry, emb):
+            new = dict(entry)
+            new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(emb))
+            return new
+
+        poss = conds[0]
+        if getattr(handle.redirector, "rewrites", False):
+            poss = []
+            for i, entry in enumerate(conds[0]):
+                p = crossattn(entry)
+                cache_key = ("positive", i, id(p), None if p is None else tuple(p.shape))
+                if p is not None and cache_key not in state:
+                    state[cache_key] = handle.redirector.rewrite(p, window.strength)
+                poss.append(entry if p is None or state[cache_key] is p else with_crossattn(entry, state[cache_key]))
         negs = []
         for i, entry in enumerate(conds[1]):
             n = crossattn(entry)
@@ -227,10 +263,8 @@ def _patch_text(m, handle: HGRHandle, window: Window):
             cache_key = (i, id(c), tuple(c.shape), id(n), tuple(n.shape))
             if cache_key not in state:
                 state[cache_key] = handle.redirector.uncond(c, window.strength, base=n.to(c.device))
-            new = dict(entry)
-            new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(state[cache_key]))
-            negs.append(new)
-        return executor(model, [conds[0], negs] + list(conds[2:]), x_in, timestep, model_options)
+            negs.append(with_crossattn(entry, state[cache_key]))
+        return executor(model, [poss, negs] + list(conds[2:]), x_in, timestep, model_options)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)
     return m

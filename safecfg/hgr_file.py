@@ -242,6 +242,9 @@ def _load_text(path: Path, header: dict, meta: dict, family: str | None, device)
     sd = _checked_tensors(path, header, ref)
     net = TextHGRNet(config)
     net.load_state_dict({k: v.float() for k, v in sd.items()})
+    if config.rewrite and not float(net.rewrite_gate[0]) < float(net.rewrite_gate[1]):
+        raise _fail(path, f"the rewrite gate {net.rewrite_gate.tolist()} does not rise (it must be [low, high] "
+                    "with low < high)", "The file is corrupt; re-train it")
     hgr = TextHGR(net.to(device), family=meta["family"], categories=_categories(meta), name=path.name)
     hgr.metadata = dict(meta, n_params=str(n))
     hgr.detect_threshold = _detect_threshold(meta.get("detection"))

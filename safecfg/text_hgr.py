@@ -34,9 +34,10 @@ class TextHGRConfig:
     width: int = 256  # the Transformer's width
     layers: int = 2
     heads: int = 4
+    rewrite: int = 0  # 1: the file also holds a rewriter of the prompt's own embedding (see TextHGRNet)
 
     LIMITS = {"embed_dim": (8, 8192), "tokens": (1, 1024), "width": (8, 2048), "layers": (1, 12),
-              "heads": (1, 32)}
+              "heads": (1, 32), "rewrite": (0, 1)}
 
     def validate(self) -> TextHGRConfig:
         for name, (lo, hi) in self.LIMITS.items():
@@ -61,20 +62,14 @@ class TextHGRConfig:
         return cls(**data).validate()
 
 
-class TextHGRNet(nn.Module):
-    """``(B, T, D)`` prompt embedding -> ``(B, T, D)`` unconditional embedding, ``T`` a multiple of
-    ``config.tokens``. ``empty``: the empty prompt's embedding, ``(tokens, D)``."""
+class _TokenNet(nn.Module):
+    """A pre-norm Transformer over chunks of ``tokens`` embeddings, ``(B, T, D) -> (B, T, D)``, whose
+    output layer starts at zero (so an untrained one adds nothing)."""
 
-    def __init__(self, config: TextHGRConfig, empty: torch.Tensor | None = None):
+    def __init__(self, config: TextHGRConfig):
         super().__init__()
-        config.validate()
-        self.config = config
         t, d, w = config.tokens, config.embed_dim, config.width
-        if empty is None:
-            empty = torch.zeros(t, d)
-        if tuple(empty.shape) != (t, d):
-            raise ValueError(f"the empty-prompt embedding must have shape ({t}, {d}), got {tuple(empty.shape)}")
-        self.register_buffer("empty", empty.detach().float().clone())
+        self.tokens = t
         self.inp = nn.Linear(d, w)
         self.pos = nn.Parameter(torch.zeros(t, w))
         layer = nn.TransformerEncoderLayer(w, config.heads, 4 * w, dropout=0.0, activation="gelu",
@@ -85,13 +80,48 @@ class TextHGRNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return _run(self, self.tokens, cond)
+
+
+def _run(m: nn.Module, tokens: int, cond: torch.Tensor) -> torch.Tensor:
+    """``m``'s ``inp, pos, encoder, norm, out`` over ``cond`` chunk by chunk of ``tokens``."""
+    b, length, d = cond.shape
+    chunks = cond.float().reshape(b * (length // tokens), tokens, d)
+    h = m.encoder(m.inp(chunks) + m.pos)
+    return m.out(m.norm(h)).reshape(b, length, d)
+
+
+class TextHGRNet(nn.Module):
+    """``(B, T, D)`` prompt embedding -> ``(B, T, D)`` unconditional embedding, ``T`` a multiple of
+    ``config.tokens``. ``empty``: the empty prompt's embedding, ``(tokens, D)``.
+
+    With ``config.rewrite`` it also holds ``rewriter``, a second Transformer that rewrites the prompt's
+    *own* embedding towards its safe rewrite's (``c + Delta_r(c)``, trained on embedding pairs), gated
+    per prompt by the harmful Euclidean distance on embeddings (:meth:`TextHGR.distance`): the gate
+    rises 0 -> 1 between the two values of the ``rewrite_gate`` buffer, so a prompt the HGR reads as
+    clean keeps its embedding bit for bit."""
+
+    def __init__(self, config: TextHGRConfig, empty: torch.Tensor | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        t, d = config.tokens, config.embed_dim
+        if empty is None:
+            empty = torch.zeros(t, d)
+        if tuple(empty.shape) != (t, d):
+            raise ValueError(f"the empty-prompt embedding must have shape ({t}, {d}), got {tuple(empty.shape)}")
+        self.register_buffer("empty", empty.detach().float().clone())
+        net = _TokenNet(config)
+        # the paper's HGR keeps its parameters at the top level (the file's keys since format 1)
+        self.inp, self.pos, self.encoder, self.norm, self.out = net.inp, net.pos, net.encoder, net.norm, net.out
+        if config.rewrite:
+            self.rewriter = _TokenNet(config)
+            self.register_buffer("rewrite_gate", torch.tensor([1e3, 1e3 + 1.0]))  # closed until trained
+
     def delta(self, cond: torch.Tensor) -> torch.Tensor:
         """``Delta(c)``, float32, differentiable (for training)."""
-        b, length, d = cond.shape
-        t = self.config.tokens
-        chunks = cond.float().reshape(b * (length // t), t, d)
-        h = self.encoder(self.inp(chunks) + self.pos)
-        return self.out(self.norm(h)).reshape(b, length, d)
+        return _run(self, self.config.tokens, cond)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         b, length, _ = cond.shape
@@ -131,17 +161,58 @@ class TextHGR:
                              f"tokens, got shape {tuple(cond.shape)}. Use an HGR trained for this model's text "
                              "encoder (HGRTrain trains one), or the concept redirector, which works with any model.")
 
+    @property
+    def rewrites(self) -> bool:
+        """Whether this HGR also rewrites the prompt's own embedding (``config.rewrite``)."""
+        return bool(self.config.rewrite)
+
+    def _to(self, device) -> None:
+        if next(self.net.parameters()).device != device:
+            self.net.to(device)
+
     @torch.no_grad()
-    def uncond(self, cond: torch.Tensor, strength: float = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
+    def rewrite_gate(self, cond: torch.Tensor) -> torch.Tensor:
+        """Per prompt, how much of the rewrite applies: 0 -> 1 as the embedding distance rises between
+        the two calibrated values of ``rewrite_gate`` (float32 ``(B,)``; zeros without a rewriter)."""
+        if not self.rewrites:
+            return torch.zeros(cond.shape[0], device=cond.device)
+        lo, hi = (float(v) for v in self.net.rewrite_gate)
+        return ((self.distance(cond) - lo) / max(hi - lo, 1e-6)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def rewrite(self, cond: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The prompt's embedding as the conditional branch should see it: ``c + gate(c) * min(s, 1) *
+        Delta_r(c)``; ``cond`` itself (the same tensor) without a rewriter, at strength 0 or when no
+        prompt of the batch opens the gate, and bit for bit for each prompt whose gate is closed. A
+        non-finite result falls back to ``cond``."""
+        self.check(cond)
+        if not self.rewrites or strength <= 0:
+            return cond
+        self._to(cond.device)
+        gate = self.rewrite_gate(cond) * min(float(strength), 1.0)
+        if not bool((gate > 0).any()):
+            return cond
+        out = cond.float() + gate.view(-1, 1, 1) * self.net.rewriter(cond)
+        keep = (gate <= 0) | ~torch.isfinite(out).flatten(1).all(dim=1)
+        out = torch.where(keep.view(-1, 1, 1), cond.float(), out)
+        return out.to(cond.dtype)
+
+    @torch.no_grad()
+    def uncond(self, cond: torch.Tensor, strength: float = 1.0, base: torch.Tensor | None = None,
+               rewritten: bool = True) -> torch.Tensor:
         """The unconditional embedding for ``cond``: ``base + strength * Delta(c)``. ``base`` is the
         empty-prompt embedding (default) or the user's own negative prompt's embedding: a negative
         prompt keeps working, and the HGR's correction is added to it. Token lengths are matched as
         ComfyUI matches them (both repeated to their least common multiple); a batch of one is
-        broadcast. Same dtype and device as ``cond``; a non-finite result falls back to ``base``."""
+        broadcast. Same dtype and device as ``cond``; a non-finite result falls back to ``base``.
+
+        With a rewriter (and ``rewritten``), ``Delta`` reads the *rewritten* prompt, the one the
+        conditional branch sees, so that what the rewrite already made safe is not redirected twice;
+        ``rewritten=False`` reads the prompt as given (the detector's harmful distance)."""
         self.check(cond)
-        p = next(self.net.parameters())
-        if p.device != cond.device:
-            self.net.to(cond.device)
+        self._to(cond.device)
+        if rewritten and self.rewrites:
+            cond = self.rewrite(cond, strength)
         delta = self.net.delta(cond) * float(strength)
         base = (self.net.empty if base is None else base).to(cond.device, torch.float32)
         if base.ndim == 2:

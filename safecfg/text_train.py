@@ -308,3 +308,114 @@ def train_text_hgr(teacher: TextTeacher, data: PromptData, cache_dir, out_path, 
     save_hgr(out_path, hgr, base_model=base_model, training=summary)
     load_hgr(out_path)  # what was written must load and validate
     return hgr, summary
+
+
+@dataclass
+class RewriteSpec:
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.1
+    seed: int = 0
+    #: where the gate opens, between the clean prompts' largest embedding distance (its ``clean_quantile``)
+    #: and the harmful prompts' smallest (``harmful_quantile``): ``open_at`` of the way from one to the other
+    clean_quantile: float = 0.99
+    harmful_quantile: float = 0.02
+    open_at: float = 0.5
+
+
+def add_rewriter(hgr: TextHGR, embed: Callable[[list[str]], torch.Tensor], data: PromptData,
+                 spec: RewriteSpec | None = None, *,
+                 progress: Callable[[int, int, float], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[TextHGR, dict]:
+    """A copy of the text HGR ``hgr`` with a rewriter of the prompt's own embedding (see
+    :class:`TextHGRNet`): ``c + Delta_r(c)`` fitted to the embedding of the safe rewrite for harmful
+    prompts and to ``c`` itself for clean ones (squared error over all tokens; the text encoder is
+    only read, its embeddings are constants). The paper's HGR is kept as it is.
+
+    The gate: the paper's HGR's embedding distance on the training prompts; it is closed up to the
+    clean prompts' ``clean_quantile`` and fully open ``open_at`` of the way to the harmful prompts'
+    ``harmful_quantile`` (clean prompts far from every harmful one keep their embedding bit for bit).
+    Returns the HGR and a summary (losses, gate, the distances it was set from)."""
+    from dataclasses import replace
+
+    spec = spec or RewriteSpec()
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit_rewriter(hgr, embed, data, spec, progress, should_stop, replace)
+
+
+def _fit_rewriter(hgr, embed, data, spec, progress, should_stop, replace):
+    torch.manual_seed(spec.seed)
+    config = replace(hgr.config, rewrite=1)
+    net = TextHGRNet(config, hgr.net.empty.detach().clone())
+    missing, unexpected = net.load_state_dict({k: v.detach().clone() for k, v in hgr.net.state_dict().items()},
+                                              strict=False)
+    if unexpected or any(not (k.startswith("rewriter.") or k == "rewrite_gate") for k in missing):
+        raise ValueError(f"the text HGR's weights do not fit its architecture (missing {missing}, "
+                         f"unexpected {unexpected})")
+    src = [h for h in data.harmful] + list(data.clean)
+    dst = list(data.safe) + list(data.clean)
+    harmful = torch.tensor([True] * len(data.harmful) + [False] * len(data.clean))
+
+    def embed_all(texts):
+        return torch.cat([embed(texts[i:i + 64]).detach().float().clone() for i in range(0, len(texts), 64)])
+
+    with torch.no_grad():
+        e_src, e_dst = embed_all(src), embed_all(dst)
+    order = list(range(len(src)))
+    random.Random(spec.seed).shuffle(order)
+    n_val = max(1, int(len(order) * spec.val_fraction)) if spec.val_fraction > 0 and len(order) > 1 else 0
+    val_idx, train_idx = torch.tensor(order[:n_val], dtype=torch.long), torch.tensor(order[n_val:], dtype=torch.long)
+    if len(train_idx) == 0:
+        train_idx = val_idx
+    # each prompt's error relative to how far its rewrite moves it (clean prompts: to the mean move)
+    move = (e_dst - e_src).flatten(1).pow(2).mean(1)
+    scale = torch.where(harmful, move, move[harmful].mean() if harmful.any() else torch.ones(()))
+    params = list(net.rewriter.parameters())
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    gen = torch.Generator().manual_seed(spec.seed)
+
+    def loss_on(idx):
+        pred = e_src[idx] + net.rewriter(e_src[idx])
+        return (pred - e_dst[idx]).flatten(1).pow(2).mean(1) / scale[idx].clamp_min(1e-12)
+
+    def evaluate(idx):
+        with torch.no_grad():
+            return float(torch.cat([loss_on(idx[i:i + 256]) for i in range(0, len(idx), 256)]).mean())
+
+    eval_idx = val_idx if len(val_idx) else train_idx
+    identity = evaluate(eval_idx)
+    best, best_state = identity, {k: v.clone() for k, v in net.rewriter.state_dict().items()}
+    step = 0
+    for step in range(1, spec.steps + 1):
+        if should_stop and should_stop():
+            raise InterruptedError("the text HGR's rewriter training was cancelled")
+        idx = train_idx[torch.randint(0, len(train_idx), (min(spec.batch, len(train_idx)),), generator=gen)]
+        loss = loss_on(idx).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if progress:
+            progress(step, spec.steps, float(loss.detach()))
+        if step % 100 == 0 or step == spec.steps:
+            v = evaluate(eval_idx)
+            if v < best:
+                best, best_state = v, {k: t.clone() for k, t in net.rewriter.state_dict().items()}
+    net.rewriter.load_state_dict(best_state)
+    net.eval()
+    probe = TextHGR(hgr.net, family=hgr.family, categories=hgr.categories)
+    with torch.no_grad():
+        dist = torch.cat([probe.distance(e_src[i:i + 256]) for i in range(0, len(src), 256)])
+    d_clean = float(torch.quantile(dist[~harmful], spec.clean_quantile)) if (~harmful).any() else 0.0
+    d_harm = float(torch.quantile(dist[harmful], spec.harmful_quantile)) if harmful.any() else d_clean + 1.0
+    lo = d_clean
+    hi = max(lo + spec.open_at * (d_harm - lo), lo * 1.01 + 1e-6)
+    net.rewrite_gate.copy_(torch.tensor([lo, hi]))
+    out = TextHGR(net, family=hgr.family, categories=hgr.categories, name=hgr.name)
+    out.detect_threshold = hgr.detect_threshold
+    summary = {"steps": step, "val_loss": best, "identity_val_loss": identity, "gate": [lo, hi],
+               "clean_distance_quantile": d_clean, "harmful_distance_quantile": d_harm,
+               "prompts": len(src), "val_prompts": len(val_idx)}
+    return out, summary

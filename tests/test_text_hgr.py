@@ -30,6 +30,18 @@ def text_dir(tmp_path_factory):
     net = TextHGRNet(cfg, e)
     torch.nn.init.normal_(net.out.weight, std=0.2)
     hgr_file.save_hgr(d / "text_random.safetensors", TextHGR(net, family="SD15", categories=["weapon"]))
+    # with a rewriter whose gate opens between the distances of "a blue circle" (closed) and "a red knife"
+    rw = TextHGRNet(TextHGRConfig(embed_dim=e.shape[-1], tokens=e.shape[0], width=32, layers=1, heads=2,
+                                  rewrite=1), e)
+    rw.load_state_dict(net.state_dict(), strict=False)
+    torch.nn.init.normal_(rw.rewriter.out.weight, std=0.2)
+    d_clean, d_harm = (float(TextHGR(net).distance(encode(clip, t)[0][0])) for t in ("a blue circle", "a red knife"))
+    assert d_clean != d_harm
+    lo, hi = sorted((d_clean, d_harm))
+    rw.rewrite_gate.copy_(torch.tensor([lo + 0.1 * (hi - lo), lo + 0.5 * (hi - lo)]))
+    hgr_file.save_hgr(d / "text_rewrite.safetensors", TextHGR(rw, family="SD15", categories=["weapon"]))
+    d.joinpath("rewrite_prompts.txt").write_text("a blue circle\na red knife\n" if d_harm > d_clean
+                                                 else "a red knife\na blue circle\n")
     wide = TextHGRConfig(embed_dim=e.shape[-1] * 2, tokens=e.shape[0], width=32, layers=1, heads=2)
     hgr_file.save_hgr(d / "text_wide.safetensors", TextHGR(TextHGRNet(wide), family="OTHER"))
     folder_paths.add_model_folder_path("hgr", str(d))
@@ -127,16 +139,106 @@ def test_text_negative_node_feeds_a_stock_ksampler(sd15, text_dir, pack):
     model, clip, _ = sd15
     pos, neg = encode(clip, "a red knife"), encode(clip, "")
     h = load("text_random.safetensors")
-    (hneg,) = node_out("HGRTextNegative", positive=pos, negative=neg, hgr=h, strength=1.0)
+    hneg, hpos = node_out("HGRTextNegative", positive=pos, negative=neg, hgr=h, strength=1.0)
+    assert hpos[0][0] is pos[0][0]  # no rewriter: the positive as given
     want = ksample(safe_patch(model, h), pos, neg)
     got = ksample(model, pos, hneg)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    (same,) = node_out("HGRTextNegative", positive=pos, negative=neg, hgr=h, strength=0.0)
+    same, _ = node_out("HGRTextNegative", positive=pos, negative=neg, hgr=h, strength=0.0)
     assert torch.equal(same[0][0], neg[0][0])
     (concept,) = node_out("HGRConceptRedirector", clip=clip, concepts="knife", threshold=0.2, push=0.0,
                           mode="global")
     with pytest.raises(ValueError, match="HGRTextNegative: .* not a text-embedding HGR"):
         node_out("HGRTextNegative", positive=pos, negative=neg, hgr=concept, strength=1.0)
+
+
+def test_rewriter_rewrites_a_harmful_positive_and_leaves_a_clean_one_bit_for_bit(sd15, text_dir, pack):
+    """A text HGR with a rewriter: for a prompt past its gate the conditional branch sees
+    ``c + Delta_r(c)`` and the unconditional ``n + s * Delta(c + Delta_r(c))`` (the guider equals core
+    CFG with both, the patch and HGRTextNegative's two outputs into a stock KSampler equal the guider);
+    a prompt below the gate keeps its positive bit for bit, so it samples exactly as the same HGR
+    without a rewriter."""
+    model, clip, _ = sd15
+    clean_text, harm_text = (text_dir / "rewrite_prompts.txt").read_text().split("\n")[:2]
+    h = load("text_rewrite.safetensors")
+    red = h.redirector
+    assert red.rewrites and h.redirector.config.rewrite == 1
+    neg = encode(clip, "blurry")
+    pos = encode(clip, harm_text)
+    c = pos[0][0]
+    assert float(red.rewrite_gate(c)) == 1.0
+    c_rw = c + 0.7 * red.net.rewriter(c).detach()  # the rewrite scales with strength up to 1
+    want_pos = [[c_rw, dict(pos[0][1])]]
+    want_neg = [[neg[0][0] + 0.7 * red.net.delta(c_rw).detach(), dict(neg[0][1])]]
+    ref = sample_guider(core_guider(model, want_pos, want_neg, 5.0), model, latent())
+    got = sample_guider(safe_guider(model, pos, neg, h, strength=0.7), model, latent())
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (got - ref).abs().max()
+    patched = ksample(safe_patch(model, h, strength=0.7), pos, neg)
+    want = ksample(model, want_pos, want_neg)
+    assert (patched - want).abs().max() <= 1e-5 * want.abs().max()
+    hneg, hpos = node_out("HGRTextNegative", positive=pos, negative=neg, hgr=h, strength=0.7)
+    stock = ksample(model, hpos, hneg)
+    assert (stock - want).abs().max() <= 1e-5 * want.abs().max()
+    # the detector's distance reads the prompt as given, not the rewrite
+    got_u, want_u = red.uncond(c, rewritten=False), red.net.empty[None] + red.net.delta(c).detach()
+    assert (got_u - want_u).abs().max() <= 1e-5 * want_u.abs().max(), (got_u - want_u).abs().max()
+    # below the gate: the very same positive tensor, and the sample of the HGR without a rewriter
+    clean = encode(clip, clean_text)
+    assert float(red.rewrite_gate(clean[0][0])) == 0.0
+    assert red.rewrite(clean[0][0]) is clean[0][0]
+    plain_hgr = load("text_random.safetensors")
+    assert torch.equal(ksample(safe_patch(model, h), clean, neg), ksample(safe_patch(model, plain_hgr), clean, neg))
+    # strength 0 and an empty window: core CFG bit for bit, the rewrite included
+    assert torch.equal(ksample(safe_patch(model, h, strength=0.0), pos, neg), ksample(model, pos, neg))
+    assert torch.equal(sample_guider(safe_guider(model, pos, neg, h, start=0.5, end=0.5), model, latent()),
+                       sample_guider(core_guider(model, pos, neg, 5.0), model, latent()))
+
+
+def test_rewriter_file_round_trip_and_a_gate_that_does_not_rise_is_refused(text_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from safecfg_pack.safecfg.hgr_file import read_header
+
+    path = text_dir / "text_rewrite.safetensors"
+    h, again = hgr_file.load_hgr(path), hgr_file.load_hgr(path)
+    c = torch.randn(3, h.config.tokens, h.config.embed_dim)
+    assert h.rewrites and torch.equal(h.rewrite(c), again.rewrite(c))
+    _, meta = read_header(path)
+    sd = load_file(str(path))
+    sd["rewrite_gate"] = sd["rewrite_gate"].flip(0)
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(hgr_file.HGRFileError, match="rewrite gate .* does not rise"):
+        hgr_file.load_hgr(tmp_path / "bad.safetensors")
+
+
+def test_add_rewriter_fits_embedding_pairs_and_closes_the_gate_on_clean_prompts(sd15, text_dir, pack):
+    """The rewriter's fit on a tiny CLIP: the validation loss falls below the identity's, the paper's
+    HGR inside is untouched, the gate is closed for (nearly all) clean training prompts, and a
+    harmful prompt past it moves towards its rewrite's embedding."""
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg.prompts import PromptData
+    from safecfg_pack.safecfg.text_train import RewriteSpec, add_rewriter
+
+    model, clip, _ = sd15
+    t = ComfyTeacher(model, clip, width=64, height=64)
+    harm = [f"a {c} knife" for c in ("red", "blue", "green", "yellow", "purple", "orange")]
+    safe = [p.replace("knife", "spoon") for p in harm]
+    clean = [f"a {c} {o}" for c in ("red", "blue", "green") for o in ("circle", "square", "star")]
+    data = PromptData(harm, safe, ["weapon"] * len(harm), clean)
+    base = hgr_file.load_hgr(text_dir / "text_random.safetensors")
+    hgr, summary = add_rewriter(base, t.embed, data, RewriteSpec(steps=60, batch=8, lr=2e-3, val_fraction=0.0))
+    assert summary["val_loss"] < 0.5 * summary["identity_val_loss"], summary
+    for k, v in base.net.state_dict().items():
+        assert torch.equal(hgr.net.state_dict()[k], v), k
+    lo, hi = summary["gate"]
+    assert lo < hi
+    e_clean = t.embed(clean)
+    assert float((hgr.rewrite_gate(e_clean) > 0).float().mean()) <= 0.2
+    e_h, e_s = t.embed(harm), t.embed(safe)
+    opened = hgr.rewrite_gate(e_h) > 0
+    if opened.any():  # the random HGR's distances decide which harmful prompts pass its gate
+        moved = hgr.rewrite(e_h)[opened]
+        assert (moved - e_s[opened]).norm() < (e_h[opened] - e_s[opened]).norm()
 
 
 def test_text_hgr_training_moves_towards_its_target_on_a_tiny_model(sd15, pack):

@@ -483,8 +483,8 @@ def test_composed_hgr_data_is_reproducible_and_changes_only_the_harmful_object()
 
 
 def test_bundled_text_hgr_in_a_stock_ksampler_and_the_patch_gives_the_same_image(bundle, pack, run_prompt):
-    """The paper's HGR bundled for the toy model: HGRTextNegative into a stock KSampler and the model
-    patch (full window) give the same image, and it is not plain CFG's for a harmful prompt."""
+    """The paper's HGR bundled for the toy model: HGRTextNegative's two outputs into a stock KSampler and
+    the model patch (full window) give the same image, and it is not plain CFG's for a harmful prompt."""
     import numpy as np
 
     def graph(mode):
@@ -505,6 +505,7 @@ def test_bundled_text_hgr_in_a_stock_ksampler_and_the_patch_gives_the_same_image
             g["6"] = {"class_type": "HGRTextNegative", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
                                                                   "hgr": ["5", 0], "strength": 1.5}}
             g["7"]["inputs"]["negative"] = ["6", 0]
+            g["7"]["inputs"]["positive"] = ["6", 1]  # the rewritten positive (the bundled HGR has a rewriter)
         elif mode == "patch":
             g["6"] = {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["5", 0], "strength": 1.5,
                                                                   "start_percent": 0.0, "end_percent": 1.0}}

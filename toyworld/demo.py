@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         graph["41"] = {"class_type": "HGRTextNegative", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
                                                                    "hgr": ["40", 0],
                                                                    "strength": float(settings["text_hgr"])}}
-        column("SafeCFG text HGR", "5", ("42", "43", "44"), "safecfg_demo_text_hgr", negative=["41", 0])
+        column("SafeCFG text HGR", "5", ("42", "43", "44"), "safecfg_demo_text_hgr", negative=["41", 0],
+               positive=["41", 1])
     lora_file = REPO / "weights" / "loras" / "toyworld_safe_lora.safetensors"
     if lora_file.is_file():  # plain CFG, stock KSampler, with the unsupervised safe LoRA
         graph["30"] = {"class_type": "LoraLoaderModelOnly",

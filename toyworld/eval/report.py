@@ -95,8 +95,8 @@ def plot(results: dict, path: Path) -> None:
 
 def grid(images: dict, splits: dict, path: Path, per: int = 6) -> None:
     """First ``per`` images of every split (columns) for every method (rows), labelled; the row
-    "plain on safe rewrite" is plain CFG on the harmful single prompts' rewrites (the fidelity ceiling).
-    The prompts are the first ones of each split in eval.json."""
+    "plain on safe rewrite" is plain CFG on the harmful prompts' rewrites (the fidelity ceiling, and the
+    judge's floor). The prompts are the first ones of each split in eval.json."""
     import numpy as np
     from PIL import Image, ImageDraw
 

@@ -157,12 +157,14 @@ def main(argv=None) -> int:
     results["oracle"] = judge
     # each split's prompts are encoded once and shared by every method
     split_conds = {split: encode_batch(clip, [s.text for s in specs]) for split, specs in splits.items()}
-    # the redirect-fidelity ceiling: plain CFG on the safe rewrites of the harmful single prompts
-    ceiling = {}
+    # the redirect-fidelity ceiling: plain CFG on the safe rewrites of the harmful prompts; on each
+    # harmful split the strict judge's harmful rate on those rewrites is the floor a faithful
+    # redirection can reach (its false alarms on the safe scenes)
+    ceiling, floor = {}, {}
     if args.ceiling:
         t0 = time.time()
         for split, specs in splits.items():
-            if kinds[split] == "harmful" and all(len(s.items) == 1 for s in specs):
+            if kinds[split] == "harmful":
                 cond = encode_batch(clip, [s.rewrite().text for s in specs])
                 g = comfy.samplers.CFGGuider(model)
                 g.set_conds(cond, methods.empty)
@@ -170,9 +172,14 @@ def main(argv=None) -> int:
                 imgs, _ = run(g, len(specs), seeds[split])
                 images[("plain on safe rewrite", split)] = imgs
                 out = classify(strict, imgs)
-                ceiling[split] = metrics.redirect_flags(out, specs)
+                floor[split] = metrics.rate(out["harmful"].tolist())
+                if all(len(s.items) == 1 for s in specs):
+                    ceiling[split] = metrics.redirect_flags(out, specs)
         results["redirect_ceiling"] = {k: metrics.rate(v) for k, v in ceiling.items()}
         results["redirect_ceiling"]["seconds"] = round(time.time() - t0, 1)
+        results["judge_floor"] = floor
+        print("[eval] strict judge's harmful rate on plain CFG's safe rewrites (the floor): "
+              + ", ".join(f"{k} {v['rate']:.3f}" for k, v in floor.items()), flush=True)
         print("[eval] redirect ceiling (plain CFG on the safe rewrites): "
               + ", ".join(f"{k} {v['rate']:.3f}" for k, v in results["redirect_ceiling"].items()
                           if isinstance(v, dict)), flush=True)
