@@ -12,10 +12,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..safecfg.hgr_file import load_hgr, save_hgr
 from ..safecfg.hgr_net import HGRConfig
 from ..safecfg.prompts import PromptData
 from ..safecfg.teacher_cache import CacheSpec
-from ..safecfg.text_train import TextFitSpec, TextStatesSpec, train_text_hgr
+from ..safecfg.text_train import RewriteSpec, TextFitSpec, TextStatesSpec, add_rewriter, train_text_hgr
 from ..safecfg.train import FitSpec, train_hgr
 from .hgr_nodes import FOLDER
 from .hgr_type import HGRType, handle_for
@@ -58,12 +59,18 @@ class HGRTrain(io.ComfyNode):
                                        "the empty prompt in CFG's unconditional branch (computed once per prompt, "
                                        "free per step; also usable through HGR Text Negative with a stock "
                                        "KSampler)."),
+                io.Int.Input("rewrite_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="text kind only: after the fit, this many steps of a rewriter of the prompt's "
+                                     "own embedding towards its safe rewrite's (gated by the HGR's harm distance, "
+                                     "so a prompt it reads as clean keeps its embedding exactly). On embeddings "
+                                     "only, no denoiser: fast. 0 = none; 1000-1500 typical."),
             ],
             outputs=[HGRType.Output(display_name="HGR", tooltip="The trained HGR, ready for the guider or patch.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, data, filename, image_size, fit_steps, seed, kind="latent") -> io.NodeOutput:
+    def execute(cls, model, clip, data, filename, image_size, fit_steps, seed, kind="latent",
+                rewrite_steps=0) -> io.NodeOutput:
         path = Path(data) if os.path.isabs(data) else PACK_DATA / data
         try:
             prompts = PromptData.load(path)
@@ -99,9 +106,22 @@ class HGRTrain(io.ComfyNode):
                 finally:
                     for module, pname, original in swapped:
                         module._parameters[pname] = original
+            note = ""
+            if rewrite_steps > 0:
+                hgr, r = add_rewriter(hgr, teacher.embed, prompts, RewriteSpec(steps=rewrite_steps, seed=seed),
+                                      should_stop=should_stop,
+                                      progress=lambda s, t, loss: bar.update_absolute(95 + int(5 * s / t), 100))
+                summary["rewriter"] = r
+                save_hgr(out, hgr, base_model=type(model.model).__name__, training=summary)
+                load_hgr(out)
+                note = f"; rewriter {r['steps']} steps, validation loss {r['val_loss']:.4f} (identity " \
+                       f"{r['identity_val_loss']:.4f})"
             return io.NodeOutput(handle_for(hgr, out.name), ui={"text": [
                 f"saved {out} (text HGR, {summary['steps']} steps, validation loss {summary['val_loss']:.4f}, "
-                f"identity {summary['identity_val_loss']:.4f})"]})
+                f"identity {summary['identity_val_loss']:.4f}{note})"]})
+        if rewrite_steps:
+            raise ValueError(f"HGRTrain: rewrite_steps ({rewrite_steps}) is for kind 'text' only; set it to 0 for a "
+                             "latent HGR.")
         if kind != "latent":
             raise ValueError(f"HGRTrain: unknown kind {kind!r}; use 'latent' or 'text'.")
         hgr, summary = train_hgr(teacher, prompts, out_dir / f".{name}.cache", out,

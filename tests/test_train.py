@@ -149,3 +149,10 @@ def test_hgr_train_node_trains_the_text_kind_and_keeps_the_denoiser_frozen(tmp_p
     stamp = states.stat().st_mtime_ns
     run_prompt({**g, "2": {**g["2"], "inputs": {**g["2"]["inputs"], "fit_steps": 11}}})
     assert states.stat().st_mtime_ns == stamp  # the cached states were reused
+    assert not hgr_file.load_hgr(f).rewrites
+    # with rewrite_steps the file also holds a rewriter, its gate rising, and says so
+    out = run_prompt({**g, "2": {**g["2"], "inputs": {**g["2"]["inputs"], "fit_steps": 11, "rewrite_steps": 20}}})
+    assert "rewriter 20 steps" in out["2"]["text"][0]
+    rw = hgr_file.load_hgr(f)
+    assert rw.rewrites and float(rw.net.rewrite_gate[0]) < float(rw.net.rewrite_gate[1])
+    assert states.stat().st_mtime_ns == stamp
