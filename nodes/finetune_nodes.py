@@ -199,8 +199,9 @@ class HGRSafeFinetune(io.ComfyNode):
                              tooltip="Seed of trajectories and fitting."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
                                tooltip="How far the LoRA's targets redirect, as the SafeCFG guider's strength: 1 = "
-                                       "as trained; a text HGR's calibrated strength (the bundled toy one: 1.25) "
-                                       "makes the LoRA follow SafeCFG at that strength."),
+                                       "as trained; a text HGR's calibrated strength makes the LoRA follow SafeCFG "
+                                       "at that strength (the bundled toy safe LoRA was made at 1.25). A text HGR's "
+                                       "targets use its paper-form branch only (its rewriter is not used)."),
             ],
             outputs=[io.String.Output(display_name="lora_name",
                                       tooltip="The written LoRA's file name (for LoraLoaderModelOnly).")],

@@ -10,10 +10,11 @@ from .sampling import SafeCFGGuider, is_text, patch_model, text_negative, text_p
 CATEGORY = "SafeCFG"
 
 STRENGTH_TIP = ("How far harmful guidance is redirected: 0 = plain CFG (bit-identical), 1 = as trained (a text HGR: "
-                "its correction Delta(c) at full scale; a latent HGR or concept redirector: fully redirected). Above 1 "
-                "extrapolates: a text HGR's correction is scaled further (the toy world's calibrated 1.25), the others "
-                "move past the redirected direction. Clean prompts are nearly unchanged, not untouched (the toy-world "
-                "benchmark in the README measures by how much).")
+                "its correction Delta(c) at full scale, and its rewriter in full if it has one; a latent HGR or "
+                "concept redirector: fully redirected). Above 1 extrapolates: a text HGR's correction is scaled "
+                "further (its rewriter stays at full), the others move past the redirected direction (the toy "
+                "world's calibrated strengths: text HGR 1.0, latent HGR 1.25). Clean prompts are nearly "
+                "unchanged, not untouched (the toy-world benchmark in the README measures by how much).")
 START_TIP = ("Fraction of the schedule at which SafeCFG starts acting (0 = first step). Neutral 0.0. Harmful "
              "content is decided early, so keep it at 0.0-0.1.")
 END_TIP = ("Fraction of the schedule at which SafeCFG stops acting (1 = last step). Neutral 1.0. 0.5-1.0 is "
