@@ -114,8 +114,11 @@ def main(argv=None) -> int:
     learned_net = hgr_net.HGRNet(hgr_net.HGRConfig())
     torch.nn.init.normal_(learned_net.conv_out.weight, std=0.02)
     n_hgr = sum(p.numel() for p in learned_net.parameters())
-    text_net = text_hgr.TextHGRNet(text_hgr.TextHGRConfig(embed_dim=768, tokens=77), negative[0][0][0])
+    # with a rewriter whose gate is always open (as the bundled toy one has): both once-per-run passes run
+    text_net = text_hgr.TextHGRNet(text_hgr.TextHGRConfig(embed_dim=768, tokens=77, rewrite=1), negative[0][0][0])
     torch.nn.init.normal_(text_net.out.weight, std=0.02)
+    torch.nn.init.normal_(text_net.rewriter.out.weight, std=0.02)
+    text_net.rewrite_gate.copy_(torch.tensor([-2.0, -1.0]))
     n_text = sum(p.numel() for p in text_net.parameters())
 
     def handle_for(name):

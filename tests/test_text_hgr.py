@@ -334,3 +334,32 @@ def test_harm_detector_scores_images_with_a_text_hgr_and_its_prompt(sd15, text_d
     assert torch.isfinite(moved.scores).all() and moved.scores.shape == (2,)
     with pytest.raises(ValueError, match="HGRHarmDetector: text HGR 'text_random.safetensors' .* connect 'positive'"):
         detect(sd15, imgs, load("text_random.safetensors"))
+
+
+def test_rewriter_on_a_long_prompt_of_several_chunks(sd15, text_dir, pack):
+    """A prompt of 150+ tokens (several CLIP chunks) is rewritten chunk by chunk with one gate for the
+    whole prompt, and the patch samples exactly as core CFG with the rewritten conditionings."""
+    model, clip, _ = sd15
+    h = load("text_rewrite.safetensors")
+    red = h.redirector
+    saved = red.net.rewrite_gate.clone()
+    red.net.rewrite_gate.copy_(torch.tensor([-2.0, -1.0]))  # always open: the rewrite runs for any prompt
+    try:
+        pos = encode(clip, ", ".join(["a red knife on a blue striped background"] * 20))
+        neg = encode(clip, "")
+        c = pos[0][0]
+        t = red.config.tokens
+        assert c.shape[1] >= 2 * t
+        rw = red.rewrite(c)
+        for k in range(c.shape[1] // t):
+            chunk = c[:, k * t:(k + 1) * t]
+            want = chunk + red.net.rewriter(chunk).detach()
+            assert (rw[:, k * t:(k + 1) * t] - want).abs().max() <= 1e-5 * want.abs().max()
+        want_pos = [[rw, dict(pos[0][1])]]
+        want_neg = [[red.uncond(c, 1.0, base=neg[0][0]), dict(neg[0][1])]]
+        assert want_neg[0][0].shape[1] == c.shape[1]  # the empty negative repeated to the prompt's length
+        got = ksample(safe_patch(model, h), pos, neg)
+        want = ksample(model, want_pos, want_neg)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    finally:
+        red.net.rewrite_gate.copy_(saved)
