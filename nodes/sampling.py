@@ -234,7 +234,11 @@ def _patch_text(m, handle: HGRHandle, window: Window):
 
     def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
         state = model_options.get(key)
-        if (state is None or len(conds) < 2 or not conds[0] or not conds[1] or not window.active(timestep)):
+        rewrites = getattr(handle.redirector, "rewrites", False)
+        has_negative = len(conds) >= 2 and bool(conds[1])
+        # at cfg 1 ComfyUI evaluates no negative (conds[1] is None): a rewriter still rewrites the positive
+        if (state is None or not conds or not conds[0] or not (has_negative or rewrites)
+                or not window.active(timestep)):
             return executor(model, conds, x_in, timestep, model_options)
         c = crossattn(conds[0][0])
         if c is None:
@@ -246,7 +250,7 @@ def _patch_text(m, handle: HGRHandle, window: Window):
             return new
 
         poss = conds[0]
-        if getattr(handle.redirector, "rewrites", False):
+        if rewrites:
             poss = []
             for i, entry in enumerate(conds[0]):
                 p = crossattn(entry)
@@ -254,6 +258,8 @@ def _patch_text(m, handle: HGRHandle, window: Window):
                 if p is not None and cache_key not in state:
                     state[cache_key] = handle.redirector.rewrite(p, window.strength)
                 poss.append(entry if p is None or state[cache_key] is p else with_crossattn(entry, state[cache_key]))
+        if not has_negative:
+            return executor(model, [poss] + list(conds[1:]), x_in, timestep, model_options)
         negs = []
         for i, entry in enumerate(conds[1]):
             n = crossattn(entry)

@@ -188,6 +188,13 @@ def test_rewriter_rewrites_a_harmful_positive_and_leaves_a_clean_one_bit_for_bit
     assert red.rewrite(clean[0][0]) is clean[0][0]
     plain_hgr = load("text_random.safetensors")
     assert torch.equal(ksample(safe_patch(model, h), clean, neg), ksample(safe_patch(model, plain_hgr), clean, neg))
+    # at cfg 1 (no negative evaluated) the rewrite still applies, in the patch and the guider
+    want1 = ksample(model, [[c + red.net.rewriter(c).detach(), dict(pos[0][1])]], neg, cfg=1.0)
+    got1 = ksample(safe_patch(model, h), pos, neg, cfg=1.0)
+    assert (got1 - want1).abs().max() <= 1e-5 * want1.abs().max()
+    assert (got1 - ksample(model, pos, neg, cfg=1.0)).abs().max() > 1e-3 * want1.abs().max()
+    g1 = sample_guider(safe_guider(model, pos, neg, h, cfg=1.0), model, latent())
+    assert (g1 - want1).abs().max() <= 1e-5 * want1.abs().max()
     # strength 0 and an empty window: core CFG bit for bit, the rewrite included
     assert torch.equal(ksample(safe_patch(model, h, strength=0.0), pos, neg), ksample(model, pos, neg))
     assert torch.equal(sample_guider(safe_guider(model, pos, neg, h, start=0.5, end=0.5), model, latent()),
