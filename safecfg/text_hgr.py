@@ -176,6 +176,7 @@ class TextHGR:
         the two calibrated values of ``rewrite_gate`` (float32 ``(B,)``; zeros without a rewriter)."""
         if not self.rewrites:
             return torch.zeros(cond.shape[0], device=cond.device)
+        self._to(cond.device)
         lo, hi = (float(v) for v in self.net.rewrite_gate)
         return ((self.distance(cond) - lo) / max(hi - lo, 1e-6)).clamp(0.0, 1.0)
 
@@ -236,6 +237,7 @@ class TextHGR:
         """The harmful Euclidean distance on embeddings, one per prompt:
         ``||HGR(c) - e_empty|| / ||c - e_empty||`` (0 for a prompt the HGR leaves alone)."""
         self.check(cond)
+        self._to(cond.device)
         length, t = cond.shape[1], self.config.tokens
         e = self.net.empty.to(cond.device).repeat(length // t, 1)[None]
         d = self.net.delta(cond.float())
