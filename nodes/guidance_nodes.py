@@ -121,7 +121,7 @@ class HGRTextNegative(io.ComfyNode):
             raise ValueError(f"HGRTextNegative: '{hgr.name}' is not a text-embedding HGR; it acts inside the "
                              "sampler. Use the SafeCFG Guider or the SafeCFG Model Patch with it.")
         try:
-            return io.NodeOutput(text_negative(hgr, positive, negative, strength),
-                                 text_positive(hgr, positive, strength))
+            pos = text_positive(hgr, positive, strength)  # rewritten once: Delta reads it too
+            return io.NodeOutput(text_negative(hgr, pos, negative, strength, rewritten=False), pos)
         except ValueError as e:
             raise ValueError(f"HGRTextNegative: {e}") from None

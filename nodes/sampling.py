@@ -43,7 +43,8 @@ def text_negative(handle: HGRHandle, positive, negative, strength: float, rewrit
     ``n`` becomes ``n + strength * Delta(c)``, ``c`` the first positive entry's embedding (a
     conditioning made of several entries, e.g. by Conditioning (Combine), is read through its first).
     Other keys (pooled output, areas, masks) are the negative's own. ``rewritten``: an HGR with a
-    rewriter reads the rewritten prompt (sampling); False reads it as given (detection)."""
+    rewriter rewrites ``c`` first (sampling); False reads ``c`` as given (detection, or a positive
+    that :func:`text_positive` already rewrote)."""
     if not positive:
         raise ValueError(f"SafeCFG: text HGR '{handle.name}' needs a positive prompt; the positive conditioning "
                          "is empty")
@@ -116,8 +117,10 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
         if is_text(self.handle) and not self.window.empty:
-            conds[TEXT_NEGATIVE_KEY] = text_negative(self.handle, positive, negative, self.window.strength)
             conds[TEXT_POSITIVE_KEY] = text_positive(self.handle, positive, self.window.strength)
+            # Delta reads the rewritten positive, rewritten once for both branches
+            conds[TEXT_NEGATIVE_KEY] = text_negative(self.handle, conds[TEXT_POSITIVE_KEY], negative,
+                                                     self.window.strength, rewritten=False)
         for i, c in enumerate(self.handle.concept_conds):
             conds[CONCEPT_KEY.format(i)] = node_helpers.conditioning_set_values(c, {"prompt_type": "positive"})
         self.inner_set_conds(conds)
@@ -226,15 +229,20 @@ def _patch_text(m, handle: HGRHandle, window: Window):
 
     key = f"safecfg_text_{uuid.uuid4().hex[:12]}"
     m.model_options[key] = {}
+    rewrites = getattr(handle.redirector, "rewrites", False)
 
     def crossattn(entry):
         mc = entry.get("model_conds", {}) if isinstance(entry, dict) else {}
         c = mc.get("c_crossattn")
         return getattr(c, "cond", None)
 
+    def with_crossattn(entry, emb):
+        new = dict(entry)
+        new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(emb))
+        return new
+
     def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
         state = model_options.get(key)
-        rewrites = getattr(handle.redirector, "rewrites", False)
         has_negative = len(conds) >= 2 and bool(conds[1])
         # at cfg 1 ComfyUI evaluates no negative (conds[1] is None): a rewriter still rewrites the positive
         if (state is None or not conds or not conds[0] or not (has_negative or rewrites)
@@ -243,12 +251,6 @@ def _patch_text(m, handle: HGRHandle, window: Window):
         c = crossattn(conds[0][0])
         if c is None:
             return executor(model, conds, x_in, timestep, model_options)
-
-        def with_crossattn(entry, emb):
-            new = dict(entry)
-            new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(emb))
-            return new
-
         poss = conds[0]
         if rewrites:
             poss = []
@@ -260,6 +262,7 @@ def _patch_text(m, handle: HGRHandle, window: Window):
                 poss.append(entry if p is None or state[cache_key] is p else with_crossattn(entry, state[cache_key]))
         if not has_negative:
             return executor(model, [poss] + list(conds[1:]), x_in, timestep, model_options)
+        c_read = crossattn(poss[0])  # Delta reads the rewritten positive (the same tensor without a rewriter)
         negs = []
         for i, entry in enumerate(conds[1]):
             n = crossattn(entry)
@@ -268,7 +271,8 @@ def _patch_text(m, handle: HGRHandle, window: Window):
                 continue
             cache_key = (i, id(c), tuple(c.shape), id(n), tuple(n.shape))
             if cache_key not in state:
-                state[cache_key] = handle.redirector.uncond(c, window.strength, base=n.to(c.device))
+                state[cache_key] = handle.redirector.uncond(c_read, window.strength, base=n.to(c.device),
+                                                            rewritten=False)
             negs.append(with_crossattn(entry, state[cache_key]))
         return executor(model, [poss, negs] + list(conds[2:]), x_in, timestep, model_options)
 

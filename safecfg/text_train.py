@@ -22,7 +22,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -128,6 +128,15 @@ class TextFitSpec:
     seed: int = 0
 
 
+def _val_split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """``items`` shuffled by ``seed``, split into a validation share (at least one item when
+    ``fraction`` > 0 and there are two or more) and the rest."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    n_val = max(1, int(len(items) * fraction)) if fraction > 0 and len(items) > 1 else 0
+    return items[:n_val], items[n_val:]
+
+
 def relative_loss(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-state squared error relative to the guidance's size at the state, ``(B,)``."""
     return (pred.float() - target).flatten(1).pow(2).mean(1) / scale.clamp_min(1e-6)
@@ -150,10 +159,8 @@ def fit_text_hgr(teacher: TextTeacher, states: dict[str, torch.Tensor], config: 
 def _fit(teacher, states, config, empty, spec, family, categories, init, progress, should_stop):
     torch.manual_seed(spec.seed)
     net = TextHGRNet(config, empty)
-    prompts = states["prompt"].unique().tolist()
-    random.Random(spec.seed).shuffle(prompts)
-    n_val = max(1, int(len(prompts) * spec.val_fraction)) if spec.val_fraction > 0 and len(prompts) > 1 else 0
-    val_prompts = set(prompts[:n_val])
+    val_prompts, _ = _val_split(states["prompt"].unique().tolist(), spec.val_fraction, spec.seed)
+    val_prompts = set(val_prompts)
     is_val = torch.tensor([int(p) in val_prompts for p in states["prompt"]])
     train_idx, val_idx = (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
     if len(train_idx) == 0:
@@ -252,7 +259,6 @@ def train_text_hgr(teacher: TextTeacher, data: PromptData, cache_dir, out_path, 
     cached too, keyed by the weights they were sampled with. ``init``: an already fitted text HGR for
     these prompts, which replaces the first fit (the rounds start from it)."""
     import os
-    from dataclasses import replace
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
@@ -338,14 +344,12 @@ def add_rewriter(hgr: TextHGR, embed: Callable[[list[str]], torch.Tensor], data:
     clean prompts' ``clean_quantile`` and fully open ``open_at`` of the way to the harmful prompts'
     ``harmful_quantile`` (clean prompts far from every harmful one keep their embedding bit for bit).
     Returns the HGR and a summary (losses, gate, the distances it was set from)."""
-    from dataclasses import replace
-
     spec = spec or RewriteSpec()
     with torch.inference_mode(False), torch.enable_grad():
-        return _fit_rewriter(hgr, embed, data, spec, progress, should_stop, replace)
+        return _fit_rewriter(hgr, embed, data, spec, progress, should_stop)
 
 
-def _fit_rewriter(hgr, embed, data, spec, progress, should_stop, replace):
+def _fit_rewriter(hgr, embed, data, spec, progress, should_stop):
     torch.manual_seed(spec.seed)
     config = replace(hgr.config, rewrite=1)
     net = TextHGRNet(config, hgr.net.empty.detach().clone())
@@ -354,7 +358,7 @@ def _fit_rewriter(hgr, embed, data, spec, progress, should_stop, replace):
     if unexpected or any(not (k.startswith("rewriter.") or k == "rewrite_gate") for k in missing):
         raise ValueError(f"the text HGR's weights do not fit its architecture (missing {missing}, "
                          f"unexpected {unexpected})")
-    src = [h for h in data.harmful] + list(data.clean)
+    src = list(data.harmful) + list(data.clean)
     dst = list(data.safe) + list(data.clean)
     harmful = torch.tensor([True] * len(data.harmful) + [False] * len(data.clean))
 
@@ -363,10 +367,8 @@ def _fit_rewriter(hgr, embed, data, spec, progress, should_stop, replace):
 
     with torch.no_grad():
         e_src, e_dst = embed_all(src), embed_all(dst)
-    order = list(range(len(src)))
-    random.Random(spec.seed).shuffle(order)
-    n_val = max(1, int(len(order) * spec.val_fraction)) if spec.val_fraction > 0 and len(order) > 1 else 0
-    val_idx, train_idx = torch.tensor(order[:n_val], dtype=torch.long), torch.tensor(order[n_val:], dtype=torch.long)
+    val, train = _val_split(range(len(src)), spec.val_fraction, spec.seed)
+    val_idx, train_idx = torch.tensor(val, dtype=torch.long), torch.tensor(train, dtype=torch.long)
     if len(train_idx) == 0:
         train_idx = val_idx
     # each prompt's error relative to how far its rewrite moves it (clean prompts: to the mean move)
@@ -405,9 +407,8 @@ def _fit_rewriter(hgr, embed, data, spec, progress, should_stop, replace):
                 best, best_state = v, {k: t.clone() for k, t in net.rewriter.state_dict().items()}
     net.rewriter.load_state_dict(best_state)
     net.eval()
-    probe = TextHGR(hgr.net, family=hgr.family, categories=hgr.categories)
-    with torch.no_grad():
-        dist = torch.cat([probe.distance(e_src[i:i + 256]) for i in range(0, len(src), 256)])
+    with torch.no_grad():  # the paper's HGR's distance (the file without a rewriter: the gate's input)
+        dist = torch.cat([hgr.distance(e_src[i:i + 256]) for i in range(0, len(src), 256)])
     d_clean = float(torch.quantile(dist[~harmful], spec.clean_quantile)) if (~harmful).any() else 0.0
     d_harm = float(torch.quantile(dist[harmful], spec.harmful_quantile)) if harmful.any() else d_clean + 1.0
     lo = d_clean
