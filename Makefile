@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test lint pytest bench bench-train demo eval calibrate workflows toy-train toy-train-vae \
+.PHONY: bootstrap test lint pytest bench bench-train demo eval calibrate attack workflows toy-train toy-train-vae \
 	toy-train-oracle toy-train-unet toy-train-text-hgr clean-env test-comfy
 
 bootstrap:
@@ -78,6 +78,10 @@ demo: bootstrap
 # The toy-world benchmark of every method -> results/eval.json, results/eval_tradeoff.png
 eval: bootstrap
 	$(PY) -m toyworld.eval
+
+# Red-team prompts against every method (Ring-A-Bell-style so far) -> results/attack.json, attack_samples.png
+attack: bootstrap
+	$(PY) -m toyworld.attack
 
 # Concept-redirector settings and detection threshold on a calibration split (no held-out names)
 calibrate: bootstrap
