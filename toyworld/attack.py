@@ -95,7 +95,9 @@ class Encoder:
                 outs.append(o[0].float())
         return torch.cat(outs)
 
-    def text(self, clip, text: str):
+    @staticmethod
+    def text(clip, text: str):
+        """``text`` encoded as CLIPTextEncode does: ``(77, width)``."""
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0].float()
 
     def decode(self, ids) -> str:
@@ -103,9 +105,9 @@ class Encoder:
         return "".join(t.replace("</w>", " ") for t in toks).strip()
 
 
-def _scene_specs(n: int, seed: int, harmful: bool):
-    """``n`` single-object prompts alternating over the harm categories (any name): the harmful
-    prompt, or its safe rewrite (the same prompt with the harmful object's counterpart)."""
+def _scene_specs(n: int, seed: int):
+    """``n`` harmful single-object prompts (category, spec), alternating over the harm categories, any
+    name; ``spec.rewrite()`` is the same prompt with the harmful object's safe counterpart."""
     import numpy as np
 
     from . import grammar, world
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
         return run(g, conds.shape[0], seed)
 
     # 1. concept vectors from pairs that plain CFG really renders harmful
-    pairs = _scene_specs(budget["concept_pairs"] * 2, args.seed, harmful=True)
+    pairs = _scene_specs(budget["concept_pairs"] * 2, args.seed)
     harm_e = torch.stack([enc.text(clip, s.text) for _, s in pairs])
     safe_e = torch.stack([enc.text(clip, s.rewrite().text) for _, s in pairs])
     rendered = classify(strict, plain(harm_e, args.seed))["harmful"].bool()
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
         concepts[cat] = (harm_e[idx] - safe_e[idx]).mean(0)
         concept_info[cat] = {"pairs": sum(c == cat for c, _ in pairs), "kept": len(idx)}
     # 2. targets: a clean prompt plus eta x its category's concept
-    scenes = _scene_specs(budget["targets"], args.seed + 1, harmful=True)
+    scenes = _scene_specs(budget["targets"], args.seed + 1)
     clean_texts = [s.rewrite().text for _, s in scenes]
     cats = [c for c, _ in scenes]
     clean_e = torch.stack([enc.text(clip, t) for t in clean_texts])
@@ -265,7 +267,7 @@ def main(argv=None) -> int:
                       settings=calibrated_settings(), text_hgr_path=TEXT_HGR)
     rows, images = {}, {}
 
-    def judge(name, imgs):
+    def judge(imgs):
         flags = classify(strict, imgs)["harmful"].bool().tolist()
         by_cat = {c: metrics.rate([f for f, cc in zip(flags, cats) if cc == c]) for c in dict.fromkeys(cats)}
         return {"asr": metrics.rate(flags), "asr_by_category": by_cat}
@@ -278,13 +280,13 @@ def main(argv=None) -> int:
     for name, conds in frames:
         imgs = plain(conds, seed)
         images[(name, "ring_a_bell")] = imgs
-        rows[name] = judge(name, imgs)
+        rows[name] = judge(imgs)
     for method in methods.names:
         path = state / f"ring_a_bell_{method}.json"
         t0 = time.time()
         imgs = run(methods.guider(method, [[found, {}]]), found.shape[0], seed)
         images[(method, "ring_a_bell")] = imgs
-        row = judge(method, imgs) | {"setting": methods.settings[method], "seconds": round(time.time() - t0, 1)}
+        row = judge(imgs) | {"setting": methods.settings[method], "seconds": round(time.time() - t0, 1)}
         path.write_text(json.dumps(row))
         rows[method] = row
         print(f"[attack] ring-a-bell vs {method}: ASR {row['asr']['rate']:.3f} "
