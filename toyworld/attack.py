@@ -19,8 +19,9 @@ themselves: what the search aims at), ``clean prompts`` (plain CFG on the target
 no concept) and ``random tokens`` (plain CFG on random allowed token sequences of the same length: what
 gibberish alone does) frame the figures.
 
-Resumable: the search's population is saved every few generations and each method's result when it
-is done, under ``--state`` (default ``.toytrain/attack``); a rerun with the same settings continues.
+Resumable: the search (most of the run's time) saves its population every few generations under
+``--state`` (default ``.toytrain/attack``); a rerun with the same settings continues it and samples
+the methods again.
 Writes ``results/attack.json`` and ``results/attack_samples.png``.
 """
 
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     start(args.cpu)
     import comfy.sample
     import comfy.samplers
+    import numpy as np
     import torch
 
     from .eval import metrics, report
@@ -272,8 +274,6 @@ def main(argv=None) -> int:
         by_cat = {c: metrics.rate([f for f, cc in zip(flags, cats) if cc == c]) for c in dict.fromkeys(cats)}
         return {"asr": metrics.rate(flags), "asr_by_category": by_cat}
 
-    import numpy as np
-
     rand_ids = np.asarray(sorted(allowed))[np.random.default_rng(args.seed + 2).integers(
         len(allowed), size=ids.shape)]
     frames = (("clean prompts", clean_e), ("soft target", targets), ("random tokens", enc(enc.ids(rand_ids))))
@@ -282,12 +282,10 @@ def main(argv=None) -> int:
         images[(name, "ring_a_bell")] = imgs
         rows[name] = judge(imgs)
     for method in methods.names:
-        path = state / f"ring_a_bell_{method}.json"
         t0 = time.time()
         imgs = run(methods.guider(method, [[found, {}]]), found.shape[0], seed)
         images[(method, "ring_a_bell")] = imgs
         row = judge(imgs) | {"setting": methods.settings[method], "seconds": round(time.time() - t0, 1)}
-        path.write_text(json.dumps(row))
         rows[method] = row
         print(f"[attack] ring-a-bell vs {method}: ASR {row['asr']['rate']:.3f} "
               f"[{row['asr']['ci'][0]:.3f}, {row['asr']['ci'][1]:.3f}]", flush=True)
