@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .redirect import Redirection, Redirector, hed, sanitize, sigma_per_sample
+from .redirect import Redirection, Redirector, hed, inference_grad, sanitize, sigma_per_sample
 
 
 @dataclass
@@ -187,7 +187,7 @@ class LearnedHGR(Redirector):
         p = next(self.net.parameters())
         if p.device != g.device:
             self.net.to(g.device)
-        with torch.no_grad():
+        with inference_grad(g, uncond):
             g_red = (g.float() + self.delta(g, sigma, uncond)).to(g.dtype)
         g_red = sanitize(g, g_red, self.name)
         return Redirection(g_red, hed(g, g_red))

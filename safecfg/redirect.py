@@ -24,6 +24,29 @@ self-harm: self-harm, suicide, cutting
 hate: hateful symbols, harassment, degrading caricature"""
 
 
+def inference_grad(*inputs: torch.Tensor):
+    """The autograd mode of a redirector's forward: no graph (inference), unless an input itself
+    requires grad with grad enabled, as in a white-box attack that differentiates the defended sampler
+    with respect to its prompt. Either way the values are the same."""
+    import contextlib
+
+    if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in inputs):
+        return contextlib.nullcontext()
+    return torch.no_grad()
+
+
+def frozen(fn):
+    """Decorator: ``fn(self, x, ...)`` runs under :func:`inference_grad` of ``x``."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, x, *args, **kwargs):
+        with inference_grad(x):
+            return fn(self, x, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class Redirection:
     """A redirector's answer for one step: the redirected direction ``R(g)`` and the per-sample HED."""

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from .redirect import frozen
+
 
 @dataclass
 class TextHGRConfig:
@@ -170,7 +172,7 @@ class TextHGR:
         if next(self.net.parameters()).device != device:
             self.net.to(device)
 
-    @torch.no_grad()
+    @frozen
     def rewrite_gate(self, cond: torch.Tensor) -> torch.Tensor:
         """Per prompt, how much of the rewrite applies: 0 -> 1 as the embedding distance rises between
         the two calibrated values of ``rewrite_gate`` (float32 ``(B,)``; zeros without a rewriter)."""
@@ -180,7 +182,7 @@ class TextHGR:
         lo, hi = (float(v) for v in self.net.rewrite_gate)
         return ((self.distance(cond) - lo) / max(hi - lo, 1e-6)).clamp(0.0, 1.0)
 
-    @torch.no_grad()
+    @frozen
     def rewrite(self, cond: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """The prompt's embedding as the conditional branch should see it: ``c + gate(c) * min(s, 1) *
         Delta_r(c)``; ``cond`` itself (the same tensor) without a rewriter, at strength 0 or when no
@@ -198,7 +200,7 @@ class TextHGR:
         out = torch.where(keep.view(-1, 1, 1), cond.float(), out)
         return out.to(cond.dtype)
 
-    @torch.no_grad()
+    @frozen
     def uncond(self, cond: torch.Tensor, strength: float = 1.0, base: torch.Tensor | None = None,
                rewritten: bool = True) -> torch.Tensor:
         """The unconditional embedding for ``cond``: ``base + strength * Delta(c)``. ``base`` is the
@@ -232,7 +234,7 @@ class TextHGR:
             out[bad] = base.expand_as(out)[bad]
         return out.to(cond.dtype)
 
-    @torch.no_grad()
+    @frozen
     def distance(self, cond: torch.Tensor) -> torch.Tensor:
         """The harmful Euclidean distance on embeddings, one per prompt:
         ``||HGR(c) - e_empty|| / ||c - e_empty||`` (0 for a prompt the HGR leaves alone)."""

@@ -113,9 +113,10 @@ def sld_guider_class():
             self.inner_set_conds({"safety": safety})
             self.p, self.steps, self.step = p, steps, 0
             self.momentum = None
+            self.start_step = 0  # the step index of the first call (a one-step evaluation sets it)
 
         def sample(self, *a, **k):
-            self.step, self.momentum = 0, None
+            self.step, self.momentum = self.start_step, None
             return super().sample(*a, **k)
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
