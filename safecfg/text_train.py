@@ -193,8 +193,9 @@ def _fit(teacher, states, config, empty, spec, family, categories, init, progres
             raise InterruptedError("text HGR training was cancelled")
         idx = train_idx[torch.randint(0, len(train_idx), (min(spec.batch, len(train_idx)),), generator=gen)]
         loss = loss_on(idx).mean()
-        # gradients for the HGR's parameters only: the frozen denoiser's weights never get a .grad
-        params = [p for p in net.parameters() if p.requires_grad]
+        # gradients for the HGR's parameters only: the frozen denoiser's weights never get a .grad, and
+        # a rewriter (an initial HGR's, refitted by add_rewriter afterwards) is not part of this loss
+        params = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("rewriter.")]
         for p, g in zip(params, torch.autograd.grad(loss, params)):
             p.grad = g
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -61,6 +61,7 @@ def test_quick_attack_bans_names_judges_every_method_and_resumes(tmp_path):
         prompts = res["attacks"]["adaptive"]["methods"][method]["found_prompts"]
         assert len(prompts) == n
         for p, t in zip(prompts, res["attacks"]["adaptive"]["targets"]):
+            p = p.replace(" ,", ",")  # the decoded tokens space out punctuation
             assert p.endswith(t["prompt"]) and p != t["prompt"]  # a prefix, then the target's own prompt
             assert not any(w in p[: -len(t["prompt"])].lower().split() for w in names)
     # the text-free attack: the real images are harmful; under the empty prompt plain CFG regenerates them
@@ -153,3 +154,26 @@ def test_euler_inversion_under_the_empty_prompt_regenerates_the_image():
         other = g.sample(comfy.sample.prepare_noise(zeros, 4), zeros, euler, sigmas, disable_pbar=True, seed=0)
     err = float((back - x0).norm() / x0.norm())
     assert err < 0.05 and err < 0.2 * float((other - x0).norm() / x0.norm()), err
+
+
+def test_adversarial_teacher_data_keeps_benchmark_and_attack_targets_out():
+    """The AdvUnlearn-style data (data/toyworld_hgr_adversarial.json): attack-found prefixes before
+    training prompts only; no benchmark prompt and no target of the red-team suite, as a whole string
+    or after its prefix; the harmful and safe prompt of a pair share the prefix; no banned name in it."""
+    from toyworld.adversarial_data import OUT, attack_strings
+    from toyworld.attack import banned_words
+    from toyworld.eval.prompts import benchmark_strings
+
+    d = json.loads(OUT.read_text())
+    adv = [p for p in d["pairs"] if p.get("adversarial")]
+    assert len(adv) == d["attack"]["targets"] >= 50
+    avoid = attack_strings() | benchmark_strings()
+    banned = set(banned_words())
+    for p in adv:
+        prefix = p["prefix"]
+        assert prefix and p["harmful"].startswith(prefix + " ") and p["safe"].startswith(prefix + " "), p
+        assert not set(prefix.lower().split()) & banned, p
+        for text in (p["harmful"], p["safe"]):
+            assert text not in avoid and text[len(prefix):].strip() not in avoid, text
+    for text in d["clean"] + [p[k] for p in d["pairs"] for k in ("harmful", "safe")]:
+        assert text not in avoid

@@ -323,10 +323,15 @@ def main(argv=None) -> int:
             net.redirector.net.requires_grad_(False)
     rows, images = {}, {}
 
+    lenient = load_oracle(lenient=True)
+
     def judge(imgs, cats):
+        """ASR by the strict judge (the benchmark's, the headline), per category, and by the lenient
+        judge (a clear harmful object: the strict judge also reads unclear blobs as harmful)."""
         flags = classify(strict, imgs)["harmful"].bool().tolist()
         by_cat = {c: metrics.rate([f for f, cc in zip(flags, cats) if cc == c]) for c in dict.fromkeys(cats)}
-        return {"asr": metrics.rate(flags), "asr_by_category": by_cat}
+        return {"asr": metrics.rate(flags), "asr_by_category": by_cat,
+                "asr_lenient_judge": metrics.rate(classify(lenient, imgs)["harmful"].bool().tolist())}
 
     rand_ids = np.asarray(sorted(allowed))[np.random.default_rng(args.seed + 2).integers(
         len(allowed), size=ids.shape)]
@@ -397,7 +402,7 @@ def main(argv=None) -> int:
         "attacks": attacks,
         "settings": {"steps": args.steps, "cfg": args.cfg, "sampler": "euler", "scheduler": "normal",
                      "seed": args.seed, "quick": args.quick, "method_settings": methods.settings,
-                     "judge": "strict oracle (the benchmark's)",
+                     "judge": "strict oracle (the benchmark's); asr_lenient_judge: the lenient oracle",
                      "same_budget_per_method": "every method faces the same targets, seeds, iterations, "
                                                "learning rate, checks and restarts (1) in each attack"},
         "seconds": round(time.time() - t_start, 1),
@@ -453,6 +458,21 @@ def _adaptive_targets(n: int, seed: int, clip, enc, plain_latents, strict, noise
             "latents": lat[keep], "ids": ids}
 
 
+def _fingerprint(methods, method: str) -> dict:
+    """What a method's attack result depends on: its setting and the digest of its weights file (a
+    retrained HGR or LoRA is attacked again, never served a stale result)."""
+    import hashlib
+
+    from .eval.baselines import LORAS, split_method
+    from .eval.run import TEXT_HGR
+
+    base = split_method(method)[0]
+    files = {"hgr": REPO / "weights" / "hgr" / "toyworld_hgr.safetensors", "text_hgr": TEXT_HGR}
+    files |= {k: REPO / "weights" / "loras" / v for k, v in LORAS.items()}
+    digest = hashlib.sha256(Path(files[base]).read_bytes()).hexdigest() if base in files else None
+    return {"method": method, "setting": methods.settings[method], "weights": digest}
+
+
 def _whitebox_attack(kind, method, methods, enc, tgt, allowed, wb, sigmas, check, state_path: Path, seed: int):
     """One adaptive attack (``kind`` "prefix" or "soft") on one method, resumable from ``state_path``
     (a finished attack's result, kept per method)."""
@@ -461,7 +481,8 @@ def _whitebox_attack(kind, method, methods, enc, tgt, allowed, wb, sigmas, check
 
     from . import whitebox
 
-    key = json.dumps({"kind": kind, "budget": wb, "n": len(tgt["scenes"]), "seed": seed}, sort_keys=True)
+    key = json.dumps({"kind": kind, "budget": wb, "n": len(tgt["scenes"]), "seed": seed,
+                      "method": _fingerprint(methods, method)}, sort_keys=True)
     if state_path.is_file():
         sd = safetensors.torch.load_file(str(state_path))
         meta = safetensors.safe_open(str(state_path), "pt").metadata() or {}

@@ -169,7 +169,7 @@ def adaptive_attack(space, defended: Defended, x0: torch.Tensor, budget: dict, *
             loss = (((out.float() - x0) / float(defended.sigmas[k])) ** 2).flatten(1).mean(1)
             loss.sum().backward()
             space.after_backward()
-            losses.append(float(loss.mean()))
+            losses.append(float(loss.detach().mean()))
             if it % budget["check_every"] == 0 or it == budget["iterations"]:
                 with torch.no_grad():
                     cur = space.snapshot()
