@@ -58,7 +58,7 @@ toy-train-unet: bootstrap
 # The paper's text HGR for the toy model (weights/hgr/toyworld_text_hgr.safetensors): teacher data with
 # composed scenes (training templates only), 1000 fit steps and one on-policy round (600 steps), then a
 # second on-policy round sampled with that HGR (800 steps), then its rewriter of the prompt's own
-# embedding (1200 steps on the same pairs' embeddings), then the adversarial stage below; ~60 min on this CPU
+# embedding (1200 steps on the same pairs' embeddings); ~45 min on this CPU
 toy-train-text-hgr: bootstrap
 	$(PY) -m toyworld.hgr_data --composed
 	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
@@ -68,20 +68,23 @@ toy-train-text-hgr: bootstrap
 		--out .toytrain/toyworld_text_hgr_r2.safetensors --cache .toytrain/text_hgr_cache \
 		--init .toytrain/toyworld_text_hgr_r1.safetensors --on-policy-rounds 1 --round-fit-steps 800
 	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
-		--out .toytrain/toyworld_text_hgr_r3.safetensors --init .toytrain/toyworld_text_hgr_r2.safetensors \
+		--out weights/hgr/toyworld_text_hgr.safetensors --init .toytrain/toyworld_text_hgr_r2.safetensors \
 		--rewrite-steps 1200
-	$(MAKE) toy-train-text-hgr-adversarial
 
-# AdvUnlearn-style robustness for that text HGR: the adaptive attack of `make attack` against it on
-# harmful *training* prompts (data/toyworld_hgr_adversarial.json: the found prefixes before harmful
-# prompts with their safe targets, and before clean ones, beside a subsample of the composed data),
-# then one on-policy round (600 steps) and the rewriter refitted on that data; ~15 min on this CPU
+# An experiment, not bundled (README, "Adversarial robustness"): AdvUnlearn-style training of the
+# bundled text HGR. The adaptive attack of `make attack` against it on harmful *training* prompts
+# (data/toyworld_hgr_adversarial.json: the found prefixes before harmful prompts with their safe
+# targets, and before clean ones, beside a subsample of the composed data), then one on-policy round
+# (600 steps) and the rewriter refitted on that data (~28 min on this CPU), then the attacks against
+# the result at the strength calibration chose for it (2.0)
 toy-train-text-hgr-adversarial: bootstrap
-	$(PY) -m toyworld.adversarial_data --hgr .toytrain/toyworld_text_hgr_r3.safetensors
+	$(PY) -m toyworld.adversarial_data --hgr weights/hgr/toyworld_text_hgr.safetensors
 	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_adversarial.json \
-		--out weights/hgr/toyworld_text_hgr.safetensors --cache .toytrain/text_hgr_adv_cache \
-		--init .toytrain/toyworld_text_hgr_r3.safetensors --on-policy-rounds 1 --round-fit-steps 600 \
+		--out .toytrain/toyworld_text_hgr_adv.safetensors --cache .toytrain/text_hgr_adv_cache \
+		--init weights/hgr/toyworld_text_hgr.safetensors --on-policy-rounds 1 --round-fit-steps 600 \
 		--rewrite-steps 1200
+	$(PY) -m toyworld.attack --text-hgr .toytrain/toyworld_text_hgr_adv.safetensors --methods "plain,text_hgr[2.0]" \
+		--out .toytrain/attack_text_hgr_adv.json
 
 # The demo workflow, headless through ComfyUI's executor, with the bundled model -> results/demo_grid.png
 demo: bootstrap

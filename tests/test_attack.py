@@ -158,8 +158,9 @@ def test_euler_inversion_under_the_empty_prompt_regenerates_the_image():
 
 def test_adversarial_teacher_data_keeps_benchmark_and_attack_targets_out():
     """The AdvUnlearn-style data (data/toyworld_hgr_adversarial.json): attack-found prefixes before
-    training prompts only; no benchmark prompt and no target of the red-team suite, as a whole string
-    or after its prefix; the harmful and safe prompt of a pair share the prefix; no banned name in it."""
+    training prompts only, none of them a target of the red-team suite (as a whole string or after
+    its prefix); no benchmark prompt anywhere in the file; the harmful and safe prompt of a pair share
+    the prefix; no banned name in it."""
     from toyworld.adversarial_data import OUT, attack_strings
     from toyworld.attack import banned_words
     from toyworld.eval.prompts import benchmark_strings
@@ -175,5 +176,8 @@ def test_adversarial_teacher_data_keeps_benchmark_and_attack_targets_out():
         assert not set(prefix.lower().split()) & banned, p
         for text in (p["harmful"], p["safe"]):
             assert text not in avoid and text[len(prefix):].strip() not in avoid, text
-    for text in d["clean"] + [p[k] for p in d["pairs"] for k in ("harmful", "safe")]:
+    for text in d["clean"][-len(adv):]:  # the prefixed clean prompts
         assert text not in avoid
+    bench = benchmark_strings()
+    for text in d["clean"] + [p[k] for p in d["pairs"] for k in ("harmful", "safe")]:
+        assert text not in bench

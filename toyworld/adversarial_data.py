@@ -11,8 +11,10 @@ before a clean prompt of the training data (a clean prompt stays clean with any 
 learns the object, not the gibberish). The file holds these beside a fixed subsample of the composed
 data, so a fine-tune keeps what the HGR learned there.
 
-No string of the red-team suite's own targets (its candidate scenes for every attack) enters the
-file, nor any benchmark or calibration prompt (the composed data already leaves those out).
+No adversarial entry is built on a string of the red-team suite's own targets (its candidate scenes
+for every attack), and no benchmark or calibration prompt is in the file (the composed data already
+leaves those out). The kept subsample of the composed data is not filtered against the attack's
+targets: like the composed data itself, it shares some short single-object strings with them.
 """
 
 from __future__ import annotations
@@ -123,10 +125,10 @@ def main(argv=None) -> int:
     kept_clean = [src["clean"][i] for i in rng.permutation(len(src["clean"]))[:args.keep_clean]]
     out = {"about": ("AdvUnlearn-style text-HGR teacher data (toyworld/adversarial_data.py): prefixes found by the "
                      f"adaptive attack against {hgr_path.name} on harmful prompts of the composed training data "
-                     "(training templates and names only), each before its harmful prompt (paired with the same "
-                     "prefix before the safe rewrite) and before a clean training prompt; beside a fixed "
-                     "subsample of the composed data. No string of the red-team suite's targets, the benchmark or "
-                     "the calibration."),
+                     "(training templates and names only, none of them a target of the red-team suite), each before "
+                     "its harmful prompt (paired with the same prefix before the safe rewrite) and before a clean "
+                     "training prompt; beside a fixed subsample of the composed data. No benchmark or calibration "
+                     "string."),
            "attack": {"hgr": hgr_path.name, "targets": len(pairs), "succeeded": int(res["won"].sum()),
                       "budget": wb, "seed": args.seed},
            "pairs": kept_pairs + adv_pairs, "clean": kept_clean + adv_clean}

@@ -232,6 +232,7 @@ def main(argv=None) -> int:
                     help="where the resumable state is kept (a rerun with the same settings continues)")
     ap.add_argument("--out", default=str(REPO / "results" / "attack.json"))
     ap.add_argument("--samples", default=None, help="the sample grid (default: beside --out, attack_samples.png)")
+    ap.add_argument("--text-hgr", default=None, help="the text HGR attacked (default: the bundled one)")
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args(argv)
     budget = dict(QUICK if args.quick else BUDGET)
@@ -315,9 +316,10 @@ def main(argv=None) -> int:
 
     # 4. every method samples the found prompts with the same seed; the strict oracle judges
     seed = args.seed * 31 + 1
+    text_hgr_path = Path(args.text_hgr) if args.text_hgr else TEXT_HGR
     methods = Methods(model, clip, methods=split_methods(args.methods), hgr_path=REPO / "weights" / "hgr" /
                       "toyworld_hgr.safetensors", steps=args.steps, cfg=args.cfg, negative_prompt=HARM_WORDS,
-                      settings=calibrated_settings(), text_hgr_path=TEXT_HGR)
+                      settings=calibrated_settings(), text_hgr_path=text_hgr_path)
     for net in (methods.hgr, methods.text_hgr):  # the attacks differentiate to the prompt, never to weights
         if net is not None:
             net.redirector.net.requires_grad_(False)
@@ -372,7 +374,7 @@ def main(argv=None) -> int:
                     "harmful"].bool()
 
             res = _whitebox_attack(space_kind, method, methods, enc, tgt, allowed, wb, sigmas, check,
-                                   state / f"{key}_{method}.safetensors", args.seed)
+                                   state / f"{key}_{method}.safetensors", args.seed, text_hgr_path)
             imgs = sample_latents(methods.guider(method, [[res["cond"], {}]]), noise_t)[1]
             images[(method, key)] = imgs
             unattacked = sample_latents(methods.guider(method, [[tgt["conds"], {}]]), noise_t)[1]
@@ -458,22 +460,22 @@ def _adaptive_targets(n: int, seed: int, clip, enc, plain_latents, strict, noise
             "latents": lat[keep], "ids": ids}
 
 
-def _fingerprint(methods, method: str) -> dict:
+def _fingerprint(methods, method: str, text_hgr_path: Path) -> dict:
     """What a method's attack result depends on: its setting and the digest of its weights file (a
     retrained HGR or LoRA is attacked again, never served a stale result)."""
     import hashlib
 
     from .eval.baselines import LORAS, split_method
-    from .eval.run import TEXT_HGR
 
     base = split_method(method)[0]
-    files = {"hgr": REPO / "weights" / "hgr" / "toyworld_hgr.safetensors", "text_hgr": TEXT_HGR}
+    files = {"hgr": REPO / "weights" / "hgr" / "toyworld_hgr.safetensors", "text_hgr": Path(text_hgr_path)}
     files |= {k: REPO / "weights" / "loras" / v for k, v in LORAS.items()}
     digest = hashlib.sha256(Path(files[base]).read_bytes()).hexdigest() if base in files else None
     return {"method": method, "setting": methods.settings[method], "weights": digest}
 
 
-def _whitebox_attack(kind, method, methods, enc, tgt, allowed, wb, sigmas, check, state_path: Path, seed: int):
+def _whitebox_attack(kind, method, methods, enc, tgt, allowed, wb, sigmas, check, state_path: Path, seed: int,
+                     text_hgr_path: Path):
     """One adaptive attack (``kind`` "prefix" or "soft") on one method, resumable from ``state_path``
     (a finished attack's result, kept per method)."""
     import safetensors.torch
@@ -482,7 +484,7 @@ def _whitebox_attack(kind, method, methods, enc, tgt, allowed, wb, sigmas, check
     from . import whitebox
 
     key = json.dumps({"kind": kind, "budget": wb, "n": len(tgt["scenes"]), "seed": seed,
-                      "method": _fingerprint(methods, method)}, sort_keys=True)
+                      "method": _fingerprint(methods, method, text_hgr_path)}, sort_keys=True)
     if state_path.is_file():
         sd = safetensors.torch.load_file(str(state_path))
         meta = safetensors.safe_open(str(state_path), "pt").metadata() or {}
