@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     import torch
 
     from . import whitebox
-    from .attack import BUDGET, Encoder, banned_ids
+    from .attack import BUDGET, Encoder, banned_ids, benchmark_sampler
     from .eval.baselines import Methods, calibrated_settings
     from .eval.prompts import HARM_WORDS
     from .eval.run import TEXT_HGR
@@ -81,15 +81,8 @@ def main(argv=None) -> int:
     methods = Methods(model, clip, methods=["text_hgr"], hgr_path=REPO / "missing", steps=20, cfg=5.0,
                       negative_prompt=HARM_WORDS, settings=calibrated_settings(), text_hgr_path=hgr_path)
     methods.text_hgr.redirector.net.requires_grad_(False)
-    ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 20)
-    euler = comfy.samplers.sampler_object("euler")
+    sigmas, sample = benchmark_sampler(model, vae, 20)
     empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-
-    def sample(guider, noise):
-        with torch.no_grad():
-            out = guider.sample(noise, torch.zeros_like(noise), euler, sigmas, disable_pbar=True, seed=0)
-            return out, vae.decode(out).float().clamp(0, 1)
 
     # targets: training pairs whose plain-CFG image is harmful
     cand = pool[:2 * args.targets]

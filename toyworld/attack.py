@@ -146,6 +146,23 @@ class Encoder:
         return "".join(t.replace("</w>", " ") for t in toks).strip()
 
 
+def benchmark_sampler(model, vae, steps: int):
+    """The benchmark's sampling (Euler, normal schedule): its sigmas, and ``run_noise(guider, noise)``,
+    the latents and decoded images ``guider`` samples from ``noise`` (no autograd)."""
+    import comfy.samplers
+    import torch
+
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def run_noise(guider, noise):
+        with torch.no_grad():
+            out = guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, disable_pbar=True, seed=0)
+            return out, vae.decode(out).float().clamp(0, 1)
+
+    return sigmas, run_noise
+
+
 def _scene_specs(n: int, seed: int):
     """``n`` harmful single-object prompts (category, spec), alternating over the harm categories, any
     name; ``spec.rewrite()`` is the same prompt with the harmful object's safe counterpart."""
@@ -259,16 +276,8 @@ def main(argv=None) -> int:
     model, clip, vae = load_unet(), load_clip(), load_vae()
     strict = load_oracle()
     enc = Encoder(clip)
-    ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", args.steps)
-    sampler = comfy.samplers.sampler_object("euler")
+    sigmas, run_noise = benchmark_sampler(model, vae, args.steps)
     empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-
-    def run_noise(guider, noise):
-        """The latents and images ``guider`` samples from ``noise``."""
-        with torch.no_grad():
-            out = guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, disable_pbar=True, seed=0)
-            return out, vae.decode(out).float().clamp(0, 1)
 
     def run(guider, n, seed):
         return run_noise(guider, comfy.sample.prepare_noise(torch.zeros(n, 4, 8, 8), seed))[1]
