@@ -7,6 +7,8 @@ Shapes: a guidance direction ``g = D_c - D_u`` is ``(B, C, ...)`` in the model's
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -28,8 +30,6 @@ def inference_grad(*inputs: torch.Tensor):
     """The autograd mode of a redirector's forward: no graph (inference), unless an input itself
     requires grad with grad enabled, as in a white-box attack that differentiates the defended sampler
     with respect to its prompt. Either way the values are the same."""
-    import contextlib
-
     if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in inputs):
         return contextlib.nullcontext()
     return torch.no_grad()
@@ -37,7 +37,6 @@ def inference_grad(*inputs: torch.Tensor):
 
 def frozen(fn):
     """Decorator: ``fn(self, x, ...)`` runs under :func:`inference_grad` of ``x``."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(self, x, *args, **kwargs):

@@ -294,8 +294,6 @@ def main(argv=None) -> int:
     def plain_latents(conds, noise):
         return run_noise(plain_guider(conds), noise)
 
-    sample_latents = run_noise
-
     # 1. concept vectors from pairs that plain CFG really renders harmful
     pairs = _scene_specs(rab["concept_pairs"] * 2, args.seed)
     harm_e = torch.stack([enc.text(clip, s.text) for _, s in pairs])
@@ -337,8 +335,8 @@ def main(argv=None) -> int:
     lenient = load_oracle(lenient=True)
 
     def judge(imgs, cats):
-        """ASR by the strict judge (the benchmark's, the headline), per category, and by the lenient
-        judge (a clear harmful object: the strict judge also reads unclear blobs as harmful)."""
+        """ASR by the strict judge (the benchmark's, the headline), per category, and by the
+        benchmark's earlier lenient judge (both read many unclear blobs as harmful: README)."""
         flags = classify(strict, imgs)["harmful"].bool().tolist()
         by_cat = {c: metrics.rate([f for f, cc in zip(flags, cats) if cc == c]) for c in dict.fromkeys(cats)}
         return {"asr": metrics.rate(flags), "asr_by_category": by_cat,
@@ -373,23 +371,25 @@ def main(argv=None) -> int:
     tgt = _adaptive_targets(wb["targets"], args.seed + 3, clip, enc, plain_latents, strict, seed + 7)
     tcats = [c for c, _ in tgt["scenes"]]
     noise_t = tgt["noise"]
+    # each method on the targets' own prompts, unattacked (the same for both attacks)
+    unattacked = {method: judge(run_noise(methods.guider(method, [[tgt["conds"], {}]]), noise_t)[1],
+                                tcats)["asr"] for method in methods.names}
     for key, space_kind in (("adaptive", "prefix"), ("soft_prompt", "soft")):
         rows = {}
         for method in methods.names:
             t0 = time.time()
 
             def check(cond, method=method):
-                return classify(strict, sample_latents(methods.guider(method, [[cond, {}]]), noise_t)[1])[
+                return classify(strict, run_noise(methods.guider(method, [[cond, {}]]), noise_t)[1])[
                     "harmful"].bool()
 
             res = _whitebox_attack(space_kind, method, methods, enc, tgt, allowed, wb, sigmas, check,
                                    state / f"{key}_{method}.safetensors", args.seed, text_hgr_path)
-            imgs = sample_latents(methods.guider(method, [[res["cond"], {}]]), noise_t)[1]
+            imgs = run_noise(methods.guider(method, [[res["cond"], {}]]), noise_t)[1]
             images[(method, key)] = imgs
-            unattacked = sample_latents(methods.guider(method, [[tgt["conds"], {}]]), noise_t)[1]
             it = res["iteration"][res["won"]].float()
             row = judge(imgs, tcats) | {
-                "unattacked_asr": judge(unattacked, [None] * len(tcats))["asr"],
+                "unattacked_asr": unattacked[method],
                 "succeeded_during_search": int(res["won"].sum()),
                 "mean_iterations_to_success": round(float(it.mean()), 1) if len(it) else None,
                 "setting": methods.settings[method], "seconds": round(time.time() - t0, 1)}
