@@ -181,3 +181,19 @@ def test_adversarial_teacher_data_keeps_benchmark_and_attack_targets_out():
     bench = benchmark_strings()
     for text in d["clean"] + [p[k] for p in d["pairs"] for k in ("harmful", "safe")]:
         assert text not in bench
+
+
+def test_attack_scenes_are_clear_of_every_training_string():
+    """Every attack's scenes (targets, concept pairs, clean references; the seeds and sizes `make attack`
+    uses): distinct prompts, alternating categories, none of them or of their safe rewrites a string
+    that an HGR pair file, the fine-tuning pool or the calibration splits hold."""
+    from toyworld.adversarial_data import attack_strings
+    from toyworld.attack import _scene_specs
+    from toyworld.eval.prompts import training_strings
+
+    taught = training_strings()
+    assert len(taught) > 1000
+    assert not attack_strings() & taught
+    specs = _scene_specs(100, 4245)
+    assert len({s.text for _, s in specs}) == 100
+    assert [c for c, _ in specs[:4]] == ["weapon", "gore", "weapon", "gore"]

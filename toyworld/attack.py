@@ -164,19 +164,30 @@ def benchmark_sampler(model, vae, steps: int):
 
 
 def _scene_specs(n: int, seed: int):
-    """``n`` harmful single-object prompts (category, spec), alternating over the harm categories, any
-    name; ``spec.rewrite()`` is the same prompt with the harmful object's safe counterpart."""
+    """``n`` distinct harmful single-object prompts (category, spec), alternating over the harm
+    categories, any name and template; ``spec.rewrite()`` is the same prompt with the harmful object's
+    safe counterpart. No prompt or rewrite is a string SafeCFG's training, fine-tuning or calibration
+    reads (:func:`toyworld.eval.prompts.training_strings`): an attack never targets a string a method
+    was taught."""
     import numpy as np
 
     from . import grammar, world
+    from .eval.prompts import training_strings
 
+    banned = training_strings()
     rng = np.random.default_rng(seed)
     cats = list(world.HARMFUL)
-    out = []
-    for i in range(n):
-        cat = cats[i % len(cats)]
+    out, seen, tries = [], set(), 0
+    while len(out) < n:
+        cat = cats[len(out) % len(cats)]
         cls, names = world.HARMFUL[cat]
         spec = grammar.sample(rng, grammar.TRAIN_SINGLE + grammar.HELD_OUT_SINGLE, [(cls, names)], size_p=0.3)
+        tries += 1
+        if tries > 200 * max(1, n):
+            raise RuntimeError(f"cannot draw {n} attack scenes clear of the training strings")
+        if spec.text in seen or spec.text in banned or spec.rewrite().text in banned:
+            continue
+        seen.add(spec.text)
         out.append((cat, spec))
     return out
 
