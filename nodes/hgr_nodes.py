@@ -7,12 +7,16 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..safecfg.concept_text import TextConceptStage
 from ..safecfg.hgr_file import HGRFileError, load_hgr
 from ..safecfg.redirect import DEFAULT_CONCEPTS, ConceptRedirector
 from .hgr_type import HGRHandle, HGRType, handle_for
 
 CATEGORY = "SafeCFG"
 FOLDER = "hgr"
+#: the concept redirector's text stage: where its gate starts (1.0 = off) and how far above it opens fully
+TEXT_MATCH_DEFAULT = 0.85
+TEXT_MATCH_RAMP = 0.07
 
 
 
@@ -132,19 +136,38 @@ class HGRConceptRedirector(io.ComfyNode):
                                        "average of the cosine (this weight on the past) passes push_threshold. "
                                        "0 = each step on its own; 0.5-0.7 keeps a clean prompt that brushes a "
                                        "concept for one step from being pushed."),
+                io.Float.Input("text_match", default=TEXT_MATCH_DEFAULT, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="The text stage, for lines with '-> safe words': before the model sees the "
+                                       "prompt, each of its tokens whose embedding matches a harmful phrase's "
+                                       "(cosine, centred on the empty prompt's) above this value is moved to the "
+                                       "safe phrase's. Fully at +0.07. It finds the word wherever it stands, so a "
+                                       "harmful object beside a clean one is caught. Lines without '->' are left "
+                                       "to the latent redirection. Computed once per prompt: no cost per step. "
+                                       "1.0 turns it off."),
             ],
             outputs=[HGRType.Output(display_name="HGR", tooltip="Connect to the SafeCFG guider, patch or detector.")],
         )
 
     @classmethod
-    def execute(cls, clip, concepts, threshold, push, mode, push_threshold=0.5, push_memory=0.0) -> io.NodeOutput:
+    def execute(cls, clip, concepts, threshold, push, mode, push_threshold=0.5, push_memory=0.0,
+                text_match=TEXT_MATCH_DEFAULT) -> io.NodeOutput:
         if clip is None:
             raise ValueError("HGRConceptRedirector: no CLIP connected. Connect the checkpoint's CLIP output; "
                              "a checkpoint without a text encoder cannot give concept directions.")
         cats, texts, targets = parse_concept_lines(concepts)
         safe = list(dict.fromkeys(t for t in targets if t is not None))  # each safe concept is one row
         conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in texts + safe]
+        stage = None
+        if text_match is not None and float(text_match) < 1.0:
+            def encode(text):
+                out = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+                return out[0][0][0]
+
+            phrases = [[w.strip() for w in t.split(",") if w.strip()] for t in texts]
+            stage = TextConceptStage.build(encode, phrases, targets, start=float(text_match),
+                                           full=min(1.0, float(text_match) + TEXT_MATCH_RAMP), names=texts)
         red = ConceptRedirector(len(texts), tau=threshold, push=push, patch=4 if mode == "patch" else 0, names=texts,
                                 push_tau=push_threshold, memory=float(push_memory or 0.0),
-                                targets=[None if t is None else safe.index(t) for t in targets], num_safe=len(safe))
+                                targets=[None if t is None else safe.index(t) for t in targets], num_safe=len(safe),
+                                text_stage=stage)
         return io.NodeOutput(HGRHandle(red, name=f"concepts ({len(texts)})", concept_conds=conds, categories=cats))

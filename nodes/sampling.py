@@ -32,6 +32,7 @@ log = logging.getLogger("SafeCFG")
 CONCEPT_KEY = "safecfg_concept_{}"
 TEXT_NEGATIVE_KEY = "safecfg_text_negative"
 TEXT_POSITIVE_KEY = "safecfg_text_positive"
+CONCEPT_POSITIVE_KEY = "safecfg_concept_positive"
 
 
 def is_text(handle: HGRHandle) -> bool:
@@ -121,6 +122,9 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
             # Delta reads the rewritten positive, rewritten once for both branches
             conds[TEXT_NEGATIVE_KEY] = text_negative(self.handle, conds[TEXT_POSITIVE_KEY], negative,
                                                      self.window.strength, rewritten=False)
+        elif getattr(self.handle.redirector, "rewrites", False) and not self.window.empty:
+            # the concept redirector's text stage: the positive rewritten once, used inside the window
+            conds[CONCEPT_POSITIVE_KEY] = text_positive(self.handle, positive, self.window.strength)
         for i, c in enumerate(self.handle.concept_conds):
             conds[CONCEPT_KEY.format(i)] = node_helpers.conditioning_set_values(c, {"prompt_type": "positive"})
         self.inner_set_conds(conds)
@@ -140,6 +144,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
             return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds[TEXT_NEGATIVE_KEY],
                                                     self.conds[TEXT_POSITIVE_KEY], self.cfg,
                                                     model_options=model_options, seed=seed)
+        positive = self.conds.get(CONCEPT_POSITIVE_KEY, positive)
         n_concepts = self.handle.redirector.num_concepts
         concepts = [self.conds.get(CONCEPT_KEY.format(i)) for i in range(n_concepts)]
         out = _calc(self.inner_model, [positive, negative] + concepts, x, timestep, model_options)
@@ -182,10 +187,16 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
             state.update(enc=enc, enc_shape=tuple(x.shape), enc_device=x.device)
         return state["enc"]
 
+    rewrites = getattr(handle.redirector, "rewrites", False)
+
     def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
         state = model_options.get(key)
-        if (state is None or not concept_conds or len(conds) != 2 or conds[1] is None
-                or state.get("evaluating_concepts") or not window.active(timestep)):
+        if state is None or state.get("evaluating_concepts") or not window.active(timestep):
+            return executor(model, conds, x_in, timestep, model_options)
+        if rewrites and conds and conds[0]:  # the text stage: the positive's embedding, once per run and prompt
+            text_state = state.setdefault("text", {})
+            conds = [_rewritten_positive(handle, conds[0], window.strength, text_state)] + list(conds[1:])
+        if not concept_conds or len(conds) != 2 or conds[1] is None:
             return executor(model, conds, x_in, timestep, model_options)
         out = executor(model, list(conds) + encoded_concepts(model, x_in, state), x_in, timestep, model_options)
         state["concept_out"] = (x_in, out[2:])
@@ -214,10 +225,38 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
         return [cond, out[1]] + list(out[2:])
 
     m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)
-    if concept_conds:
+    if concept_conds or rewrites:
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)
     return m
 
+
+
+def _crossattn(entry):
+    mc = entry.get("model_conds", {}) if isinstance(entry, dict) else {}
+    c = mc.get("c_crossattn")
+    return getattr(c, "cond", None)
+
+
+def _with_crossattn(entry, emb):
+    import comfy.conds
+
+    new = dict(entry)
+    new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(emb))
+    return new
+
+
+def _rewritten_positive(handle: HGRHandle, entries: list, strength: float, state: dict) -> list:
+    """The batched call's positive entries with their text embedding rewritten by the handle's rewriter
+    (a text HGR's, or the concept redirector's text stage), each computed once per run and prompt
+    (cached in ``state``, the run's own dict)."""
+    out = []
+    for i, entry in enumerate(entries):
+        p = _crossattn(entry)
+        cache_key = ("positive", i, id(p), None if p is None else tuple(p.shape))
+        if p is not None and cache_key not in state:
+            state[cache_key] = handle.redirector.rewrite(p, strength)
+        out.append(entry if p is None or state[cache_key] is p else _with_crossattn(entry, state[cache_key]))
+    return out
 
 
 def _patch_text(m, handle: HGRHandle, window: Window):
@@ -225,21 +264,10 @@ def _patch_text(m, handle: HGRHandle, window: Window):
     negative's text embedding for ``n + s * Delta(c)`` in the batched model call. ``Delta(c)`` is
     computed once per run and prompt (cached in the run's ``model_options``, which ComfyUI copies fresh
     for every run)."""
-    import comfy.conds
-
     key = f"safecfg_text_{uuid.uuid4().hex[:12]}"
     m.model_options[key] = {}
     rewrites = getattr(handle.redirector, "rewrites", False)
-
-    def crossattn(entry):
-        mc = entry.get("model_conds", {}) if isinstance(entry, dict) else {}
-        c = mc.get("c_crossattn")
-        return getattr(c, "cond", None)
-
-    def with_crossattn(entry, emb):
-        new = dict(entry)
-        new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(emb))
-        return new
+    crossattn, with_crossattn = _crossattn, _with_crossattn
 
     def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
         state = model_options.get(key)
@@ -251,15 +279,7 @@ def _patch_text(m, handle: HGRHandle, window: Window):
         c = crossattn(conds[0][0])
         if c is None:
             return executor(model, conds, x_in, timestep, model_options)
-        poss = conds[0]
-        if rewrites:
-            poss = []
-            for i, entry in enumerate(conds[0]):
-                p = crossattn(entry)
-                cache_key = ("positive", i, id(p), None if p is None else tuple(p.shape))
-                if p is not None and cache_key not in state:
-                    state[cache_key] = handle.redirector.rewrite(p, window.strength)
-                poss.append(entry if p is None or state[cache_key] is p else with_crossattn(entry, state[cache_key]))
+        poss = _rewritten_positive(handle, conds[0], window.strength, state) if rewrites else conds[0]
         if not has_negative:
             return executor(model, [poss] + list(conds[1:]), x_in, timestep, model_options)
         c_read = crossattn(poss[0])  # Delta reads the rewritten positive (the same tensor without a rewriter)

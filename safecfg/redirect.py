@@ -227,7 +227,8 @@ class ConceptRedirector(Redirector):
 
     def __init__(self, num_concepts: int, *, tau: float = 0.2, ramp: float = 0.1, push: float = 0.0,
                  patch: int = 0, names: list[str] | None = None, push_tau: float | None = None,
-                 memory: float = 0.0, targets: list[int | None] | None = None, num_safe: int = 0):
+                 memory: float = 0.0, targets: list[int | None] | None = None, num_safe: int = 0,
+                 text_stage=None):
         if num_concepts < 1:
             raise ValueError("a concept redirector needs at least one concept")
         targets = list(targets) if targets is not None else [None] * num_concepts
@@ -244,6 +245,18 @@ class ConceptRedirector(Redirector):
             raise ValueError(f"concept redirector: memory must be in [0, 1), got {memory}")
         self.memory = memory
         self.names = names or [f"concept {i}" for i in range(num_concepts)]
+        #: the optional text stage (:class:`safecfg.concept_text.TextConceptStage`): the same concepts
+        #: redirected in the positive prompt's token embedding, once per prompt, before the model
+        self.text_stage = text_stage
+
+    @property
+    def rewrites(self) -> bool:
+        return self.text_stage is not None
+
+    def rewrite(self, emb: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The positive prompt's text embedding with the concepts redirected by the text stage (the same
+        tensor without a text stage or where no concept matches)."""
+        return emb if self.text_stage is None else self.text_stage.rewrite(emb, strength)
 
     def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None) -> Redirection:
         if uncond is None or concept_preds is None or len(concept_preds) != self.num_concepts:

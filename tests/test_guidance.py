@@ -412,6 +412,11 @@ def test_concept_node_defaults_match_the_front_end(sd15):
     (h,) = node_out("HGRConceptRedirector", clip=sd15.clip, concepts="a knife", threshold=0.2, push=1.0,
                     mode="global")
     assert h.redirector.push_tau == defaults["push_threshold"] and h.redirector.memory == defaults["push_memory"]
+    # the text stage: on by default for a line with '->' (at the front end's default match), none without
+    assert h.redirector.text_stage is None
+    (r,) = node_out("HGRConceptRedirector", clip=sd15.clip, concepts="a knife -> a spoon", threshold=0.2, push=1.0,
+                    mode="global")
+    assert r.redirector.text_stage is not None and r.redirector.text_stage.start == defaults["text_match"] < 1.0
 
 
 def test_concept_replacement_syntax_adds_one_row_per_safe_concept_and_steers(sd15):

@@ -264,6 +264,7 @@ def test_demo_and_benchmark_use_the_calibrated_concept_setting():
     assert (node["threshold"], node["push"], node["mode"]) == (want["threshold"], want["push"], want["mode"])
     assert node.get("push_threshold", want["threshold"]) == want["push_threshold"]
     assert node.get("push_memory", 0.0) == want["push_memory"]
+    assert node.get("text_match", 1.0) == want["text_match"]
     assert node["concepts"] == want["concepts"]
     for text in (CONCEPTS, CONCEPTS_REPLACE):
         assert not (set(text.replace(",", " ").replace(":", " ").split()) & set(world.HELD_OUT_NAMES.values()))
@@ -308,7 +309,10 @@ def test_calibration_choices():
            "detection": {"prompt": {"x": 3}}}
     merged = merge_runs(old, new)
     assert merged["methods"]["concept[a]"]["cal_clean"]["clean_accuracy"] == 0.5
-    assert merged["methods"]["sld[max]"] == runs["methods"]["sld[max]"] and len(merged["methods"]) == 6
+    # a method run again keeps none of its old settings (a changed grid leaves no stale row to choose)
+    assert "concept[b]" not in merged["methods"] and "concept[c]" not in merged["methods"]
+    assert choose(merged, 0.5)["concept"]["settings_tried"] == 1
+    assert merged["methods"]["sld[max]"] == runs["methods"]["sld[max]"] and len(merged["methods"]) == 4
     assert merged["detection"] == {"image": {"x": 1}, "prompt": {"x": 3}} and merged["seconds"] == 15.0
     assert old["methods"]["concept[a]"]["cal_clean"]["clean_accuracy"] == 0.93  # the input is not changed
     with pytest.raises(SystemExit, match="other prompts"):

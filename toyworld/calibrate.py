@@ -145,8 +145,13 @@ def merge_runs(old: dict, new: dict) -> dict:
     on different data."""
     if old.get("prompts") != new.get("prompts"):
         raise SystemExit("the existing calibration runs were made on other prompts; run without --keep-others")
+    from .eval.baselines import split_method
+
     out = dict(old)
-    out["methods"] = {**old["methods"], **new["methods"]}
+    # a method run again replaces all of its old rows: a grid that changed leaves none of its old settings
+    rerun = {split_method(name)[0] for name in new["methods"]} - {"plain"}
+    kept = {name: row for name, row in old["methods"].items() if split_method(name)[0] not in rerun}
+    out["methods"] = {**kept, **new["methods"]}
     out["detection"] = {**old.get("detection", {}), **new.get("detection", {})}
     out["seconds"] = round(float(old.get("seconds") or 0) + float(new.get("seconds") or 0), 1)
     return out

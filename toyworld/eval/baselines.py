@@ -20,10 +20,12 @@ GRIDS = {
     "negative_prompt": ["1.0", "1.3", "1.6", "2.0"],
     # SLD's four published configurations (Schramowski et al. 2023)
     "sld": ["weak", "medium", "strong", "max"],
-    # threshold,push,mode[,start_percent[,push_threshold[,push_memory[,replace]]]]: the setting the
-    # earlier calibration chose (global, erase), the local patch mode, and each with "harmful -> safe"
-    "concept": ["0.3,2.0,global,0,0.65,0.7", "0.3,2.0,patch,0,0.65,0.7", "0.3,2.0,global,0,0.65,0.7,replace",
-                "0.3,2.0,patch,0,0.65,0.7,replace"],
+    # threshold,push,mode[,start_percent[,push_threshold[,push_memory[,replace|erase[,text_match]]]]]: the
+    # setting the earlier calibration chose (global, "harmful -> safe", latent stage only), the same with
+    # the text stage, the text stage alone (latent threshold 1.0: it never acts), and the local patch
+    # mode with the text stage. (The earlier grid's two erase settings, never chosen, made room.)
+    "concept": ["0.3,2.0,global,0,0.65,0.7,replace", "0.3,2.0,global,0,0.65,0.7,replace,0.85",
+                "1.0,0,global,0,1.0,0,replace,0.85", "0.3,2.0,patch,0,0.65,0.7,replace,0.85"],
     # the SafeCFG node's strength, the same grid for both learned HGRs (above 1 extrapolates; the
     # earlier calibration of the latent HGR chose the top of 0.55-1.0)
     "hgr": ["1.0", "1.25", "1.5", "2.0"],
@@ -72,16 +74,19 @@ def split_method(name: str) -> tuple[str, str | None]:
 
 
 def parse_concept_setting(setting: str) -> tuple[dict, float]:
-    """``threshold,push,mode[,start_percent[,push_threshold[,push_memory[,replace]]]]`` -> the concept
-    node's inputs (``concepts`` included) and the SafeCFG start percent. Without a push threshold the
-    push uses ``threshold``; ``replace`` writes each concept as ``harmful -> safe`` (CONCEPTS_REPLACE)."""
+    """``threshold,push,mode[,start_percent[,push_threshold[,push_memory[,replace|erase[,text_match]]]]]``
+    -> the concept node's inputs (``concepts`` included) and the SafeCFG start percent. Without a push
+    threshold the push uses ``threshold``; ``replace`` writes each concept as ``harmful -> safe``
+    (CONCEPTS_REPLACE), ``erase`` as given; ``text_match`` turns the text stage on at that match
+    (without it the stage is off, 1.0)."""
     tau, push, mode, *extra = setting.split(",")
-    if len(extra) > 3 and extra[3] != "replace":
-        raise ValueError(f"concept setting {setting!r}: the 7th field can only be 'replace'")
+    if len(extra) > 3 and extra[3] not in ("replace", "erase"):
+        raise ValueError(f"concept setting {setting!r}: the 7th field can only be 'replace' or 'erase'")
     inputs = {"threshold": float(tau), "push": float(push), "mode": mode,
               "push_threshold": float(extra[1]) if len(extra) > 1 else float(tau),
               "push_memory": float(extra[2]) if len(extra) > 2 else 0.0,
-              "concepts": CONCEPTS_REPLACE if len(extra) > 3 else CONCEPTS}
+              "concepts": CONCEPTS_REPLACE if len(extra) > 3 and extra[3] == "replace" else CONCEPTS,
+              "text_match": float(extra[4]) if len(extra) > 4 else 1.0}
     return inputs, float(extra[0]) if extra else 0.0
 
 
