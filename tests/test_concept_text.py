@@ -145,3 +145,25 @@ def test_toy_clip_words_are_redirected_where_they_stand(pack):
         same += rw is c
         assert float((rw - c).norm()) < 0.25 * moved, cls
     assert same >= len(world.CLEAN_CLASSES) // 2
+
+
+def test_text_stage_runs_once_per_prompt_not_per_step(sd15, pack, monkeypatch):
+    """The text stage rewrites the positive once per run and prompt, never per sampling step, in the
+    patch and the guider (its cost per step is none)."""
+    model, clip, _ = sd15
+    h = _stage_between(clip, "a red knife", "a blue circle")
+    st = h.redirector.text_stage
+    calls = []
+    orig = st.rewrite
+
+    def counted(emb, strength=1.0):
+        calls.append(tuple(emb.shape))
+        return orig(emb, strength)
+
+    monkeypatch.setattr(st, "rewrite", counted)
+    pos, neg = encode(clip, "a red knife"), encode(clip, "")
+    ksample(safe_patch(model, h), pos, neg, steps=6)
+    assert len(calls) == 1
+    calls.clear()
+    sample_guider(safe_guider(model, pos, neg, h), model, latent(), steps=6)
+    assert len(calls) == 1
