@@ -68,6 +68,8 @@ def test_quick_attack_bans_names_judges_every_method_and_resumes(tmp_path):
     tina = res["attacks"]["tina"]
     assert tina["real_images_judged_harmful"]["rate"] >= 0.75
     assert tina["methods"]["plain"]["empty_prompt"]["asr"]["rate"] >= 0.75
+    # inverted under plain CFG with the clean prompt, plain CFG with that prompt regenerates them too
+    assert tina["methods"]["plain"]["clean_prompt_inverted"]["asr"]["rate"] >= 0.75
     assert tina["detector"]["clean_reference_flagged"]["n"] == QUICK["tina"]["clean_reference"]
     assert (tmp_path / "attack_samples.png").is_file()
     # the rerun finds the finished search and attacks in its state and does not run them again

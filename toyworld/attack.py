@@ -26,8 +26,9 @@ attacked through its own full guided prediction (a token prefix before the harmf
 or the conditioning tensor itself), then samples the result from the target's noise.
 
 **Text-free, TINA-style**: each target scene's real generator image, inverted to noise under the
-empty prompt, sampled by every method with the empty prompt and with the scene's clean rewrite; the
-harm detector (the bundled latent HGR at its calibrated threshold, no prompt) scores every output and
+empty prompt, sampled by every method with the empty prompt and with the scene's clean rewrite, and
+also inverted under plain CFG with that clean rewrite and sampled with it (the clean prompt's
+guidance is then part of the noise, as TINA inverts with its sampling prompt); the harm detector (the bundled latent HGR at its calibrated threshold, no prompt) scores every output and
 a clean reference set.
 
 Resumable: the search saves its population every few generations under ``--state`` (default
@@ -435,7 +436,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     report.grid(images, dict.fromkeys(("ring_a_bell", "adaptive", "soft_prompt", "tina_empty_prompt",
-                                       "tina_clean_prompt")),
+                                       "tina_clean_prompt", "tina_clean_prompt_inverted")),
                 Path(args.samples) if args.samples else out.with_name("attack_samples.png"), per=6)
     print(f"[attack] wrote {out} ({results['seconds']:.0f} s)", flush=True)
     return 0
@@ -577,14 +578,29 @@ def _tina(tb: dict, methods, tgt, model, clip, vae, strict, sigmas, run_noise, j
         d = detect_nodes.run_detection(imgs, model, clip, vae, hgr, None, 1.0, tb["detect_levels"], 0, 50)
         return d.scores > thr
 
-    prompts = {"empty_prompt": [""] * len(scenes), "clean_prompt": [s.rewrite().text for _, s in scenes]}
+    clean_texts = [s.rewrite().text for _, s in scenes]
+    prompts = {"empty_prompt": [""] * len(scenes), "clean_prompt": clean_texts,
+               "clean_prompt_inverted": clean_texts}
     conds = {k: torch.cat([clip.encode_from_tokens_scheduled(clip.tokenize(t))[0][0] for t in v])
              for k, v in prompts.items()}
+    # the third variant: the same image inverted under plain CFG *with* the clean prompt it is then
+    # sampled with (as TINA inverts with the sampling prompt), so plain CFG's clean-prompt guidance is
+    # built into the noise instead of overriding it
+    guided = plain_guider(conds["clean_prompt_inverted"])
+
+    def denoise_guided(x, s):
+        return guided.sample(torch.zeros_like(x), x, one, torch.tensor([s, 0.0]), disable_pbar=True, seed=0)
+
+    with torch.no_grad():
+        x_c = whitebox.invert(denoise_guided, z, sigmas)
+    noises = {"empty_prompt": noise, "clean_prompt": noise,
+              "clean_prompt_inverted": lf.process_in(x_c) / whitebox.noise_factor(
+                  model.get_model_object("model_sampling"), float(sigmas[0]))}
     rows: dict = {}
     for method in methods.names:
         rows[method] = {}
         for key, cond in conds.items():
-            imgs = run_noise(methods.guider(method, [[cond, {}]]), noise)[1]
+            imgs = run_noise(methods.guider(method, [[cond, {}]]), noises[key])[1]
             images[(method, f"tina_{key}")] = imgs
             row = judge(imgs, cats)
             flags = detect(imgs)
@@ -604,7 +620,9 @@ def _tina(tb: dict, methods, tgt, model, clip, vae, strict, sigmas, run_noise, j
     clean_imgs = run_noise(plain_guider(clean_c), clean_noise)[1]
     clean_flags = detect(clean_imgs)
     out = {"kind": "text-free (TINA-style): a real harmful image's latent inverted to noise under the empty prompt "
-                   "(Euler inversion of the unconditional model over the sampling schedule), then sampled",
+                   "(Euler inversion of the unconditional model over the sampling schedule), then sampled with "
+                   "the empty prompt (empty_prompt) and the scene's clean rewrite (clean_prompt); "
+                   "clean_prompt_inverted: inverted under plain CFG with that clean rewrite, sampled with it",
            "budget": tb, "real_images_judged_harmful": metrics.rate(real_harm.tolist()), "methods": rows,
            "detector": {"hgr": hgr.name if hgr is not None else None, "threshold": thr, "prompt": "none",
                         "noise_levels": tb["detect_levels"],
