@@ -28,8 +28,9 @@ or the conditioning tensor itself), then samples the result from the target's no
 **Text-free, TINA-style**: each target scene's real generator image, inverted to noise under the
 empty prompt, sampled by every method with the empty prompt and with the scene's clean rewrite, and
 also inverted under plain CFG with that clean rewrite and sampled with it (the clean prompt's
-guidance is then part of the noise, as TINA inverts with its sampling prompt); the harm detector (the bundled latent HGR at its calibrated threshold, no prompt) scores every output and
-a clean reference set.
+guidance is then part of the noise, as TINA inverts with its sampling prompt); the harm detector
+(the bundled latent HGR at its calibrated threshold, no prompt) scores every output and a clean
+reference set.
 
 Resumable: the search saves its population every few generations under ``--state`` (default
 ``.toytrain/attack``), and each finished white-box attack its result per method; a rerun with the same
