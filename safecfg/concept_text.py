@@ -13,11 +13,11 @@ calibration split, where the third context halved what passed in composed prompt
 safe counterpart ``s`` (the line's ``-> s``). Each token position where the two encodings differ
 (the phrase's tokens, and the positions after it that read it) gives an **anchor**: the harmful
 vector, centred on the empty prompt's embedding at that position (``a = e_h - e_0``), and its
-**offset** ``d = e_h - e_s``. A line
-without ``->`` has no safe phrase to move to, and the text stage leaves it to the latent stage: moving
-its tokens to the empty prompt's instead (``build(..., erase=True)``) let 71 % of the toy world's
-single harmful calibration prompts through (against 0 % with ``-> spoon`` / ``-> circle``), since a
-prompt whose object word is blanked still draws some object, often the harmful one.
+**offset** ``d = e_h - e_s``. A line without ``->`` has no safe phrase to move to, and the text
+stage leaves it to the latent stage: moving its tokens to the empty prompt's instead
+(``build(..., erase=True)``) let 71 % of the toy world's single harmful calibration prompts through
+(against 0 % with ``-> spoon`` / ``-> circle``), since a prompt whose object word is blanked still
+draws some object, often the harmful one.
 
 On a prompt, each position's centred vector is compared (cosine) with every anchor; where the best
 match passes ``start`` the gate opens, fully at ``full``, and the position moves by ``gate x strength
@@ -84,9 +84,9 @@ class TextConceptStage:
         """``encode(text)`` -> (T, width) the text encoder's output for one prompt; ``lines`` the harmful
         phrases of each concept line, ``targets`` each line's safe phrase (None: erase; such a line is
         left to the latent stage unless ``erase``, see the module docstring). None when no line is
-        left. Positions are compared as they stand: where the safe phrase has fewer tokens, the harmful phrase's extra
-        tokens are taken to what follows the safe phrase (its end token), as a prompt of the safe
-        phrase would read."""
+        left. Positions are compared as they stand: where the safe phrase has fewer tokens, the
+        harmful phrase's extra tokens are taken to what follows the safe phrase (its end token), as a
+        prompt of the safe phrase would read."""
         empty = encode("").float()
         anchors, offsets, owner = [], [], []
         for k, (phrases, target) in enumerate(zip(lines, targets)):
