@@ -267,7 +267,6 @@ def _patch_text(m, handle: HGRHandle, window: Window):
     key = f"safecfg_text_{uuid.uuid4().hex[:12]}"
     m.model_options[key] = {}
     rewrites = getattr(handle.redirector, "rewrites", False)
-    crossattn, with_crossattn = _crossattn, _with_crossattn
 
     def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
         state = model_options.get(key)
@@ -276,16 +275,16 @@ def _patch_text(m, handle: HGRHandle, window: Window):
         if (state is None or not conds or not conds[0] or not (has_negative or rewrites)
                 or not window.active(timestep)):
             return executor(model, conds, x_in, timestep, model_options)
-        c = crossattn(conds[0][0])
+        c = _crossattn(conds[0][0])
         if c is None:
             return executor(model, conds, x_in, timestep, model_options)
         poss = _rewritten_positive(handle, conds[0], window.strength, state) if rewrites else conds[0]
         if not has_negative:
             return executor(model, [poss] + list(conds[1:]), x_in, timestep, model_options)
-        c_read = crossattn(poss[0])  # Delta reads the rewritten positive (the same tensor without a rewriter)
+        c_read = _crossattn(poss[0])  # Delta reads the rewritten positive (the same tensor without a rewriter)
         negs = []
         for i, entry in enumerate(conds[1]):
-            n = crossattn(entry)
+            n = _crossattn(entry)
             if n is None:
                 negs.append(entry)
                 continue
@@ -293,7 +292,7 @@ def _patch_text(m, handle: HGRHandle, window: Window):
             if cache_key not in state:
                 state[cache_key] = handle.redirector.uncond(c_read, window.strength, base=n.to(c.device),
                                                             rewritten=False)
-            negs.append(with_crossattn(entry, state[cache_key]))
+            negs.append(_with_crossattn(entry, state[cache_key]))
         return executor(model, [poss, negs] + list(conds[2:]), x_in, timestep, model_options)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)

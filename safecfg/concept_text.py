@@ -58,8 +58,7 @@ class TextConceptStage:
     prompt's embedding; ``lines`` (N,) the concept line of each anchor (for reports)."""
 
     def __init__(self, anchors: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor, lines: Sequence[int],
-                 start: float = 0.85, full: float = 0.92, names: Sequence[str] = (),
-                 safe: torch.Tensor | None = None):
+                 start: float = 0.85, full: float = 0.92, names: Sequence[str] = ()):
         if anchors.ndim != 2 or anchors.shape != offsets.shape or empty.ndim != 2 or empty.shape[1] != anchors.shape[1]:
             raise ValueError(f"text concept stage: anchors {tuple(anchors.shape)}, offsets {tuple(offsets.shape)} and "
                              f"empty embedding {tuple(empty.shape)} do not fit together")
@@ -71,7 +70,7 @@ class TextConceptStage:
         self.offsets = offsets.float()
         #: each anchor's safe counterpart (``e_s - e_0``, unit): a position must match the harmful vector
         #: better than it matches the safe one
-        self.safe = F.normalize((anchors - offsets).float() if safe is None else safe.float(), dim=1)
+        self.safe = F.normalize((anchors - offsets).float(), dim=1)
         self.empty = empty.float()
         self.lines = torch.as_tensor(list(lines), dtype=torch.long)
         self.start, self.full = float(start), float(full)

@@ -567,9 +567,12 @@ def _tina(tb: dict, methods, tgt, model, clip, vae, strict, sigmas, run_noise, j
 
     with torch.no_grad():
         z = vae.encode(real).float()
-    x_t = whitebox.invert(denoise, z, sigmas)
-    lf = model.get_model_object("latent_format")
-    noise = lf.process_in(x_t) / whitebox.noise_factor(model.get_model_object("model_sampling"), float(sigmas[0]))
+    lf, ms = model.get_model_object("latent_format"), model.get_model_object("model_sampling")
+
+    def as_noise(x_t):  # an inverted latent at sigmas[0] as the sampler's unit noise
+        return lf.process_in(x_t) / whitebox.noise_factor(ms, float(sigmas[0]))
+
+    noise = as_noise(whitebox.invert(denoise, z, sigmas))
     hgr = methods.hgr
     thr = hgr.redirector.detect_threshold if hgr is not None else None
 
@@ -593,10 +596,8 @@ def _tina(tb: dict, methods, tgt, model, clip, vae, strict, sigmas, run_noise, j
         return guided.sample(torch.zeros_like(x), x, one, torch.tensor([s, 0.0]), disable_pbar=True, seed=0)
 
     with torch.no_grad():
-        x_c = whitebox.invert(denoise_guided, z, sigmas)
-    noises = {"empty_prompt": noise, "clean_prompt": noise,
-              "clean_prompt_inverted": lf.process_in(x_c) / whitebox.noise_factor(
-                  model.get_model_object("model_sampling"), float(sigmas[0]))}
+        noises = {"empty_prompt": noise, "clean_prompt": noise,
+                  "clean_prompt_inverted": as_noise(whitebox.invert(denoise_guided, z, sigmas))}
     rows: dict = {}
     for method in methods.names:
         rows[method] = {}
