@@ -16,6 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 EXTENSION = "SafeCFG.HarmBadges"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# the newest comfyui-frontend-package on the registry, unpacked by scripts/bootstrap.sh; ComfyUI
+# serves it with --front-end-root (the pinned one comes with ComfyUI's requirements)
+NEWEST_FRONT_END = REPO_ROOT / ".frontends" / "1.58.1"
+
+
+def front_end_args(root: Path | None) -> list[str]:
+    """The server arguments that serve the front end unpacked at ``root`` (none: the pinned one)."""
+    if root is None:
+        return []
+    static = root / "static"
+    if not (static / "index.html").is_file():
+        raise RuntimeError(f"no front end at {static}: run scripts/bootstrap.sh (it unpacks "
+                           f"comfyui-frontend-package=={root.name} there)")
+    return ["--front-end-root", str(static)]
 
 
 def chromium_path() -> str:
@@ -28,8 +43,9 @@ def chromium_path() -> str:
 
 
 @contextlib.contextmanager
-def front_end(url: str, *, width: int = 1600, height: int = 1000) -> Iterator:
-    """A page with the ComfyUI front end loaded and this pack's web extension registered."""
+def front_end(url: str, *, width: int = 1600, height: int = 1000, vue_nodes: bool = False) -> Iterator:
+    """A page with the ComfyUI front end loaded and this pack's web extension registered; ``vue_nodes``
+    turns the "Nodes 2.0" (Vue) renderer on, else the classic canvas draws the nodes."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -40,7 +56,7 @@ def front_end(url: str, *, width: int = 1600, height: int = 1000) -> Iterator:
             page = browser.new_page(viewport={"width": width, "height": height})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            _preset_settings(url)
+            _preset_settings(url, vue_nodes)
             page.goto(url, wait_until="domcontentloaded", timeout=120_000)
             page.wait_for_function("() => window.app && window.app.graph && window.app.extensions && "
                                    f"window.app.extensions.some(e => e.name === '{EXTENSION}')", timeout=120_000)
@@ -56,13 +72,12 @@ def front_end(url: str, *, width: int = 1600, height: int = 1000) -> Iterator:
             browser.close()
 
 
-def _preset_settings(url: str) -> None:
-    """A fresh user: no template browser on first load; the classic canvas nodes (the web extension
-    draws on the canvas)."""
+def _preset_settings(url: str, vue_nodes: bool) -> None:
+    """A fresh user: no template browser on first load; the renderer asked for."""
     import json
     import urllib.request
 
-    data = json.dumps({"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False}).encode()
+    data = json.dumps({"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": bool(vue_nodes)}).encode()
     req = urllib.request.Request(url.rstrip("/") + "/settings", data=data, method="POST",
                                  headers={"Content-Type": "application/json"})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -127,8 +142,21 @@ def substitute_toy_model(page) -> int:
 
 
 def fit_view(page) -> None:
-    page.evaluate("""async () => { app.canvas.deselectAll?.(); app.canvas.fitViewToSelectionAnimated({duration: 1});
-        await new Promise(r => setTimeout(r, 300)); app.canvas.draw(true, true); }""")
+    """Every node in view (from the nodes' own positions and sizes: the same in both renderers)."""
+    page.evaluate("""async () => {
+        app.canvas.deselectAll?.();
+        const ns = app.graph._nodes;
+        if (!ns.length) return;
+        const title = 34;
+        const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - title));
+        const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
+        const c = app.canvas.canvas.getBoundingClientRect();
+        const scale = Math.min(1.5, (c.width - 80) / (x1 - x0), (c.height - 120) / (y1 - y0));
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [(c.width - (x1 - x0) * scale) / 2 / scale - x0,
+                                (c.height - (y1 - y0) * scale) / 2 / scale - y0];
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        await new Promise(r => setTimeout(r, 300)); }""")
 
 
 def set_widget(page, node_type: str, name: str, value) -> None:
@@ -148,34 +176,33 @@ def queue(page) -> str:
     }""")
 
 
-def node_states(page) -> dict:
-    """The web extension's per-node state (scores, flags, badge text, blurred draws) by node type."""
+def reports(page) -> dict:
+    """The pack's report widget of every detector/filter node, by node id: the summary line, the
+    flags and scores it lists, and how many reveal buttons it has."""
     return page.evaluate("""() => {
-        app.canvas.draw(true, true);
         const out = {};
-        for (const n of app.graph._nodes) if (n.safecfg)
-            out[String(n.id)] = {type: n.type, scores: n.safecfg.scores, flags: n.safecfg.flags,
-                                 badge: n.safecfg.badge || null, blurredDraws: n.safecfg.blurredDraws,
-                                 imgs: (n.imgs || []).length};
+        for (const r of document.querySelectorAll('.safecfg-report[data-safecfg-node]')) {
+            const rows = [...r.querySelectorAll('.safecfg-row')];
+            out[r.dataset.safecfgNode] = {
+                summary: (r.querySelector('.safecfg-summary') || {}).textContent || '',
+                flags: rows.map(x => x.dataset.flagged === 'true'),
+                scores: rows.map(x => x.textContent),
+                buttons: r.querySelectorAll('.safecfg-reveal-button').length};
+        }
         return out;
     }""")
 
 
-def wait_for_previews(page, timeout: float = 30.0) -> dict:
-    """Wait until every detector/filter node that has scores shows its preview images and a badge."""
+def wait_for_reports(page, n_nodes: int, timeout: float = 30.0) -> dict:
+    """Wait until ``n_nodes`` detector/filter nodes show their report after a run."""
     deadline = time.monotonic() + timeout
-    states = {}
+    reps = {}
     while time.monotonic() < deadline:
-        fit_view(page)  # only nodes in view are drawn
-        states = node_states(page)
-        if states and all(s["badge"] and s["imgs"] == len(s["scores"]) for s in states.values()):
-            # draw a few frames so that the preview widgets draw (and blur) the images
-            for _ in range(3):
-                page.evaluate("() => app.canvas.draw(true, true)")
-                page.wait_for_timeout(100)
-            return node_states(page)
+        reps = reports(page)
+        if len([r for r in reps.values() if r["flags"]]) >= n_nodes:
+            return reps
         page.wait_for_timeout(250)
-    return states
+    return reps
 
 
 # what the browser test changes before running a workflow, so that it runs in seconds on a CPU
@@ -186,8 +213,8 @@ QUICK = {"HGRTrain": {"data": "toyworld_hgr_mini.json", "fit_steps": 20},
 def run_workflow(page, server, workflow: dict, name: str, *, screenshot: Path | None = None,
                  timeout: float = 300.0) -> dict:
     """Load a UI-format workflow in the front end, substitute the toy model for checkpoints, queue it
-    through the front end, wait for success; returns the history entry, the extension's node states,
-    the missing node types and how many checkpoint loaders were replaced."""
+    through the front end, wait for success (and for the reports of detector/filter nodes); returns
+    the history entry, the missing node types and how many checkpoint loaders were replaced."""
     missing = load_workflow(page, workflow, name)
     if missing:
         return {"missing": missing}
@@ -197,10 +224,146 @@ def run_workflow(page, server, workflow: dict, name: str, *, screenshot: Path | 
             set_widget(page, node_type, key, value)
     prompt_id = queue(page)
     history = server.wait(prompt_id, timeout=timeout)
-    states = wait_for_previews(page) if any(n["type"] in ("HGRHarmDetector", "HGRHarmFilter")
-                                            for n in workflow["nodes"]) else {}
+    n_scoring = sum(n["type"] in ("HGRHarmDetector", "HGRHarmFilter") for n in workflow["nodes"])
+    if n_scoring:
+        wait_for_reports(page, n_scoring)
     if screenshot is not None:
         fit_view(page)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot))
-    return {"missing": [], "replaced": replaced, "history": history, "states": states, "prompt_id": prompt_id}
+    return {"missing": [], "replaced": replaced, "history": history, "prompt_id": prompt_id}
+
+
+# -- visual filtering, in page pixels ------------------------------------------------------------
+# The checks below look at what the page shows, in either renderer: the classic canvas draws a
+# node's preview images on the canvas, Nodes 2.0 (Vue) shows them as <img> elements in the node.
+
+# JS: pan the canvas (both renderers follow it) until element ``el`` is inside the viewport
+_PAN = """const pan = async (el) => {
+    let r = el.getBoundingClientRect();
+    if (r.top < 60 || r.bottom > window.innerHeight - 10) {
+        app.canvas.ds.offset[1] -= (r.top - 120) / app.canvas.ds.scale;
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        await new Promise(res => setTimeout(res, 500));
+        r = el.getBoundingClientRect();
+    }
+    return {x: r.x, y: r.y, width: r.width, height: r.height};
+};"""
+
+
+def is_vue(page) -> bool:
+    return bool(page.evaluate("() => !!document.querySelector('[data-node-id]:not(.safecfg-report)')"))
+
+
+def show_node(page, node_id: int, scale: float = 1.25) -> None:
+    """Put one node at the top left of the view, at ``scale`` (less if it would not fit), and let
+    both renderers redraw."""
+    page.evaluate("""([id, scale]) => {
+        const n = app.graph.getNodeById(id);
+        scale = Math.min(scale, (window.innerHeight - 160) / (n.size[1] + 40));
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [-n.pos[0] + 90 / scale, -n.pos[1] + 90 / scale];
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true); }""", [node_id, scale])
+    page.wait_for_timeout(400)
+
+
+def preview_rect(page, node_id: int, index: int) -> dict | None:
+    """Where the page shows preview image ``index`` of a node: its client rectangle (x, y, width,
+    height), after selecting that image the way a user does (the Vue renderer's "View image i" dot;
+    the classic canvas's selected image)."""
+    return page.evaluate("""async ([id, index]) => {
+        """ + _PAN + """
+        const wait = (ms) => new Promise(r => setTimeout(r, ms));
+        const node = app.graph.getNodeById(id);
+        const el = document.querySelector(`[data-node-id="${id}"]`);
+        if (el) {
+            let img = el.querySelector(`img[alt="Gallery thumbnail ${index + 1}"]`);
+            if (!img) {
+                const dot = el.querySelector(`button[aria-label^="View image ${index + 1} of"]`);
+                if (dot) { dot.click(); await wait(400); }
+                img = el.querySelector('img[alt^="Node output"]');
+            }
+            if (!img) return null;
+            for (let i = 0; i < 40 && !(img.complete && img.naturalWidth); i++) await wait(100);
+            return await pan(img);
+        }
+        node.imageIndex = index;  // what a click on a thumbnail sets on the classic canvas
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        await wait(300);
+        const report = document.querySelector(`.safecfg-report[data-safecfg-node="${id}"]`);
+        const area = () => {  // below the node's report, to the node's bottom edge
+            const c = app.canvas.canvas.getBoundingClientRect();
+            const s = app.canvas.ds.scale, o = app.canvas.ds.offset;
+            const left = c.x + (node.pos[0] + o[0]) * s, right = left + node.size[0] * s;
+            const bottom = c.y + (node.pos[1] + node.size[1] + o[1]) * s;
+            const top = report ? report.getBoundingClientRect().bottom : c.y + (node.pos[1] + o[1]) * s;
+            return {x: left, y: top, width: right - left, height: bottom - top};
+        };
+        let r = area();
+        if (r.y < 60 || r.y + r.height > window.innerHeight - 10) {
+            app.canvas.ds.offset[1] -= (r.y - 120) / app.canvas.ds.scale;
+            app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+            await wait(500);
+            r = area();
+        }
+        return r;
+    }""", [node_id, index])
+
+
+def reveal(page, node_id: int, index: int) -> dict | None:
+    """Click the reveal button of image ``index`` in the node's report (a real click); the client
+    rectangle of the sharp image it shows, once loaded."""
+    sel = f'.safecfg-report[data-safecfg-node="{node_id}"] .safecfg-row[data-index="{index}"] .safecfg-reveal-button'
+    page.evaluate("async (sel) => { " + _PAN + " await pan(document.querySelector(sel)); }", sel)
+    page.locator(sel).click()
+    return page.evaluate("""async ([id, index]) => {
+        """ + _PAN + """
+        const wait = (ms) => new Promise(r => setTimeout(r, ms));
+        for (let i = 0; i < 50; i++) {
+            const img = document.querySelector(
+                `.safecfg-report[data-safecfg-node="${id}"] img.safecfg-reveal[data-index="${index}"]`);
+            if (img && img.complete && img.naturalWidth) {
+                img.scrollIntoView({block: 'nearest'});  // inside the report, which scrolls
+                return await pan(img);
+            }
+            await wait(100);
+        }
+        return null;
+    }""", [node_id, index])
+
+
+def shown_image(page, rect: dict, size: tuple[int, int]):
+    """The image the page shows inside ``rect``: the screenshot of that region, cropped to where it is
+    brighter than the node's dark background (the images themselves are light), resized to ``size``
+    (width, height); a float32 array (H, W, 3) in [0, 1]."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    clip = {k: float(rect[k]) for k in ("x", "y", "width", "height")}
+    shot = Image.open(io.BytesIO(page.screenshot(clip=clip))).convert("RGB")
+    a = np.asarray(shot, dtype=np.float32) / 255.0
+    bright = a.mean(axis=2) > 0.3
+
+    def longest_run(mask):  # the longest stretch of True (captions and labels are thin and apart)
+        best, start = (0, -1), None
+        for i, m in enumerate([*mask.tolist(), False]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                best = max(best, (i - start, start))
+                start = None
+        return best[1], best[1] + best[0] - 1
+
+    frac = bright.mean(axis=1)
+    r0, r1 = longest_run(frac >= 0.5 * frac.max()) if frac.max() > 0 else (-1, -2)
+    if r1 < r0:
+        raise AssertionError(f"no image shown in {rect}")
+    cfrac = bright[r0:r1 + 1].mean(axis=0)
+    c0, c1 = longest_run(cfrac >= 0.5)
+    if c1 < c0:
+        raise AssertionError(f"no image shown in {rect}")
+    rows, cols = [r0, r1], [c0, c1]
+    crop = shot.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    return np.asarray(crop.resize(size, Image.BOX), dtype=np.float32) / 255.0

@@ -110,11 +110,34 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
         model.cleanup()
 
 
+def preview_radius(images: torch.Tensor) -> int:
+    """The blur radius of a flagged preview: a tenth of the longer side (6 px at the least), so that
+    the box blur's three passes leave colours, not shapes."""
+    return max(6, round(max(images.shape[1], images.shape[2]) / 10))
+
+
 def preview_ui(images, det: Detection, cls) -> dict:
-    out = ui.PreviewImage(images, cls=cls).as_dict() if images.shape[0] else {"images": []}
+    """What the node shows in the UI. The previews are the ``images`` with every flagged one blurred
+    *here, on the server*, so that every renderer, the queue and the assets panel get blurred files;
+    the sharp flagged images are saved beside them (temp folder) and named only under
+    ``hgr_reveal`` (one ``[filename, subfolder, type]`` or ``None`` per image), which the pack's web
+    extension shows on a click on that image's reveal button."""
+    n = images.shape[0]
+    flags = det.flags.bool()
+    if n:
+        shown = apply_action(images, flags, "blur", strength=preview_radius(images))
+        out = ui.PreviewImage(shown, cls=cls).as_dict()
+    else:
+        out = {"images": []}
+    reveal: list = [None] * n
+    if bool(flags.any()):
+        sharp = ui.PreviewImage(images[flags], cls=cls).as_dict()["images"]
+        for i, r in zip(torch.nonzero(flags).flatten().tolist(), sharp):
+            reveal[i] = [r["filename"], r["subfolder"], r["type"]]
     out["hgr_scores"] = [round(float(s), 6) for s in det.scores]
     out["hgr_flags"] = [bool(f) for f in det.flags]
     out["hgr_threshold"] = [float(det.threshold)]
+    out["hgr_reveal"] = reveal
     return out
 
 

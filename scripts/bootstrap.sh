@@ -78,7 +78,41 @@ if [ "$comfy" = "$BUNDLED_COMFY" ]; then
   mkdir -p "$comfy/custom_nodes"
   ln -sfn "$here" "$comfy/custom_nodes/comfyui-safecfg"
 fi
-# 4. Headless Chromium for the browser test (Debian package; Playwright drives it, no browser download).
+# 4. The newest ComfyUI front end on the registry, beside the pinned one that ComfyUI's requirements
+#    install: the browser test runs every workflow in both (served through --front-end-root).
+FRONTEND_NEW_VERSION="1.58.1"
+FRONTEND_NEW_SHA256="37912597537a731a8f421179618a736c24184c5bdbfa327f38b2fb7c291852d9"
+FRONTEND_NEW_DIR="$here/.frontends/$FRONTEND_NEW_VERSION"
+if [ ! -f "$FRONTEND_NEW_DIR/static/index.html" ]; then
+  tmp="$(mktemp -d)"
+  log "fetching comfyui-frontend-package==$FRONTEND_NEW_VERSION (the newest front end, for the browser test)"
+  pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "comfyui-frontend-package==$FRONTEND_NEW_VERSION"
+  whl="$tmp/comfyui_frontend_package-$FRONTEND_NEW_VERSION-py3-none-any.whl"
+  got="$(sha256sum "$whl" | cut -d' ' -f1)"
+  if [ "$got" != "$FRONTEND_NEW_SHA256" ]; then
+    echo "[bootstrap] sha256 mismatch for $whl: got $got, expected $FRONTEND_NEW_SHA256" >&2
+    exit 1
+  fi
+  rm -rf "$FRONTEND_NEW_DIR.partial" && mkdir -p "$FRONTEND_NEW_DIR.partial"
+  "$VENV/bin/python" - "$whl" "$FRONTEND_NEW_DIR.partial" <<'PYEOF'
+import sys, zipfile, pathlib
+whl, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+prefix = "comfyui_frontend_package/static/"
+with zipfile.ZipFile(whl) as z:
+    for info in z.infolist():
+        if not info.filename.startswith(prefix) or info.is_dir():
+            continue
+        rel = info.filename[len("comfyui_frontend_package/"):]
+        if ".." in pathlib.PurePosixPath(rel).parts:
+            continue
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(z.read(info))
+PYEOF
+  rm -rf "$FRONTEND_NEW_DIR" && mv "$FRONTEND_NEW_DIR.partial" "$FRONTEND_NEW_DIR"
+  rm -rf "$tmp"
+fi
+# 5. Headless Chromium for the browser test (Debian package; Playwright drives it, no browser download).
 if [ -z "${SAFECFG_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     sudo=""

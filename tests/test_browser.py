@@ -1,26 +1,42 @@
-"""Every workflow in workflows/ through the real front end in headless Chromium: it loads with no
-missing nodes, the front end's own graph-to-prompt converts it, it runs to success on a real server
-(the toy model in place of a user's checkpoint), and the detector/filter nodes show their score
-badge with flagged previews blurred. Screenshots go to the test's temporary folder."""
+"""Every workflow in workflows/ through the real front end in headless Chromium, in two front ends
+(the pinned ``comfyui-frontend-package`` and the newest one the registry serves, installed by the
+bootstrap) and in both node renderers (the classic canvas and "Nodes 2.0"): it loads with no missing
+nodes, the front end's own graph-to-prompt converts it, and it runs to success on a real server (the
+toy model in place of a user's checkpoint). Where a workflow has the detector or the filter, what
+the page shows is checked in its pixels: every flagged preview is blurred, every clean one is sharp,
+and the node's "reveal" button shows the flagged image sharp. Screenshots go to the test's
+temporary folder."""
 
 from __future__ import annotations
 
+import io
 import json
+import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from devtools import browser
 from devtools.server import comfy_server
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if not p.name.endswith(".api.json"))
+FRONT_ENDS = {"pinned": None, "newest": browser.NEWEST_FRONT_END}
+CONFIGS = [(fe, renderer) for fe in FRONT_ENDS for renderer in ("classic", "nodes2")]
 
 
-@pytest.fixture(scope="module")
-def page_and_server():
-    with comfy_server() as server, browser.front_end(server.url) as page:
-        yield page, server
+@pytest.fixture(scope="module", params=CONFIGS, ids=[f"{fe}-{r}" for fe, r in CONFIGS])
+def page_and_server(request):
+    fe, renderer = request.param
+    args = browser.front_end_args(FRONT_ENDS[fe])
+    with comfy_server(extra_args=args) as server, \
+            browser.front_end(server.url, vue_nodes=renderer == "nodes2") as page:
+        version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || null")
+        if fe == "newest":
+            assert version == FRONT_ENDS[fe].name, f"the server serves front end {version}"
+        yield page, server, renderer
 
 
 def test_there_are_workflows():
@@ -31,30 +47,87 @@ def test_there_are_workflows():
         assert p.with_suffix(".png").is_file(), f"{p.name} has no preview PNG"
 
 
+def _view(server, entry) -> np.ndarray:
+    """An image the server shows at /view (a preview file or a reveal file), float (H, W, 3)."""
+    if isinstance(entry, dict):
+        entry = [entry["filename"], entry["subfolder"], entry["type"]]
+    q = urllib.parse.urlencode({"filename": entry[0], "subfolder": entry[1], "type": entry[2]})
+    return np.asarray(Image.open(io.BytesIO(server.get("/view?" + q))).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _coarse(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[0] // 4 * 4, a.shape[1] // 4 * 4
+    return a[:h, :w].reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3))
+
+
+def _like(a: np.ndarray, b: np.ndarray) -> float:
+    """How far apart two images are at a quarter of their size (robust to a pixel of offset)."""
+    return float(np.abs(_coarse(a) - _coarse(b)).mean())
+
+
+def _detail(a: np.ndarray) -> float:
+    """Mean absolute difference of neighbouring pixels: what a blur takes away."""
+    return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+
+def check_pixels(page, server, outputs: dict) -> int:
+    """Every preview of every detector/filter node as the page shows it; returns how many flagged
+    images were checked blurred against their sharp original."""
+    strong = 0
+    for node_id, out in outputs.items():
+        if "hgr_flags" not in out:
+            continue
+        node_id = int(node_id)
+        browser.show_node(page, node_id)
+        for i, flagged in enumerate(out["hgr_flags"]):
+            preview = _view(server, out["images"][i])
+            size = (preview.shape[1], preview.shape[0])
+            shown = browser.shown_image(page, browser.preview_rect(page, node_id, i), size)
+            what = f"node {node_id}, image {i} ({'flagged' if flagged else 'clean'})"
+            assert _like(shown, preview) < 0.06, f"{what}: the page does not show this node's preview"
+            if not flagged:
+                assert out["hgr_reveal"][i] is None
+                assert _detail(shown) > 0.6 * _detail(preview), f"{what}: a clean preview is shown blurred"
+                continue
+            sharp = _view(server, out["hgr_reveal"][i])
+            if _detail(sharp) > 2 * _detail(preview):  # the original has detail that the blur removed
+                assert _detail(shown) < 0.3 * _detail(sharp), f"{what}: shown sharp in the page"
+                assert _like(shown, sharp) > _like(shown, preview), what
+                strong += 1
+            revealed = browser.shown_image(page, browser.reveal(page, node_id, i), size)
+            assert _like(revealed, sharp) < 0.06, f"{what}: 'reveal' does not show the original"
+            assert _detail(revealed) > 0.6 * _detail(sharp), f"{what}: the revealed image is blurred"
+    return strong
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_runs_in_the_front_end(path, page_and_server, tmp_path_factory):
-    page, server = page_and_server
+    page, server, renderer = page_and_server
     wf = json.loads(path.read_text())
     assert "nodes" in wf and "links" in wf, "workflows/ holds UI-format workflows"
-    shot = tmp_path_factory.mktemp("screens") / f"{path.stem}.png"
+    shot = tmp_path_factory.mktemp("screens") / f"{path.stem}-{renderer}.png"
     res = browser.run_workflow(page, server, wf, path.stem, screenshot=shot)
     assert res["missing"] == [], f"{path.name}: the front end does not know {res['missing']}"
     assert res["history"]["status"]["status_str"] == "success"
+    assert browser.is_vue(page) == (renderer == "nodes2"), "the page does not use the renderer asked for"
     assert shot.is_file() and shot.stat().st_size > 10_000
     uses_ckpt = any(n["type"] == "CheckpointLoaderSimple" for n in wf["nodes"])
     assert res["replaced"] == int(uses_ckpt)
     outputs = res["history"]["outputs"]
-    if any(n["type"] == "HGRHarmDetector" for n in wf["nodes"]):
-        states = res["states"]
-        det = [s for s in states.values() if s["type"] == "HGRHarmDetector"]
-        assert det, f"no detector state in the page: {states}"
-        for s in states.values():
-            assert s["badge"] and "flagged" in s["badge"], states
-            assert s["imgs"] == len(s["scores"]) > 0
-            if any(s["flags"]):
-                assert s["blurredDraws"] > 0, "flagged previews were not drawn blurred"
-        det_out = [o for o in outputs.values() if "hgr_scores" in o]
-        assert det_out and det_out[0]["hgr_flags"] == det[0]["flags"]
+    if any(n["type"] in ("HGRHarmDetector", "HGRHarmFilter") for n in wf["nodes"]):
+        reports = browser.reports(page)
+        scored = {k: o for k, o in outputs.items() if "hgr_scores" in o}
+        assert scored and set(reports) == set(scored), (reports, list(scored))
+        for node_id, o in scored.items():
+            rep = reports[node_id]
+            n, flagged = len(o["hgr_flags"]), sum(o["hgr_flags"])
+            assert rep["summary"].startswith(f"{flagged}/{n} flagged"), rep
+            assert rep["flags"] == o["hgr_flags"] and len(rep["scores"]) == n
+            assert rep["buttons"] == flagged, "one reveal button per flagged image"
+        if any(any(o["hgr_flags"]) for o in scored.values()):
+            assert check_pixels(page, server, scored) > 0, "no flagged image was checked against its original"
+        else:
+            check_pixels(page, server, scored)
     if any(n["type"] == "HGRTrain" for n in wf["nodes"]):
         assert any((server.base_dir / "models" / "hgr").glob("*.safetensors"))
     if any(n["type"] == "HGRSafeFinetune" for n in wf["nodes"]):

@@ -174,6 +174,57 @@ def test_detect_and_filter_graph_through_the_executor(run_prompt, pack):
     assert len(out["14"]["images"]) == 3 and len(out.get("13", {}).get("images", [])) == 0
 
 
+def _smooth_images(n, side=64):
+    """Images with shapes in them (a bright square each), so that a blur measurably changes them."""
+    imgs = torch.full((n, side, side, 3), 0.1)
+    for i in range(n):
+        imgs[i, 8 + 4 * i:40 + 4 * i, 16:48, i % 3] = 0.9
+    return imgs
+
+
+def _png(entry):
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    filename, subfolder, kind = (entry["filename"], entry["subfolder"], entry["type"]) if isinstance(entry, dict) \
+        else entry
+    assert kind == "temp"
+    path = f"{folder_paths.get_temp_directory()}/{subfolder}/{filename}"
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+
+
+@pytest.mark.parametrize("node", ["detector", "filter"])
+def test_previews_of_flagged_images_are_blurred_on_the_server_and_revealable(node):
+    """Every renderer, the queue and the assets panel show the preview files: flagged ones are blurred
+    in the file itself; the sharp one is saved beside it and named only under hgr_reveal."""
+    imgs = _smooth_images(3)
+    det = _detection([True, False, True])
+    if node == "detector":
+        shown = imgs
+        ui = detect_nodes.preview_ui(imgs, det, None)
+    else:  # the filter previews what its IMAGE output holds (here: unchanged, 'pass and flag')
+        out = runtime.get_node("HGRHarmFilter").execute(images=imgs, detection=det, action="pass and flag",
+                                                        strength=4)
+        shown, ui = out.result[0], out.ui
+    assert len(ui["images"]) == 3 and ui["hgr_flags"] == [True, False, True]
+    previews = [_png(e) for e in ui["images"]]
+    reveal = ui["hgr_reveal"]
+    assert reveal[1] is None and reveal[0] is not None and reveal[2] is not None
+    for i in range(3):
+        err = float((previews[i] - shown[i]).abs().max())
+        if i == 1:
+            assert err <= 1 / 255 + 1e-6  # a clean image's preview is the image (8-bit PNG)
+        else:
+            assert err > 0.3, f"flagged image {i} is not blurred in its preview file"
+            # the blur keeps the colours, not the square's edges
+            assert float(previews[i].diff(dim=0).abs().max()) < 0.1
+            sharp = _png(reveal[i])
+            assert float((sharp - shown[i]).abs().max()) <= 1 / 255 + 1e-6
+    # no reveal entry has the shape of an image entry (front ends list those as outputs)
+    assert not any(isinstance(r, dict) for r in reveal)
+
+
 def test_filter_on_an_empty_batch_blocks_only_its_empty_outputs():
     from comfy_execution.graph_utils import ExecutionBlocker
 

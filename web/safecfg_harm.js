@@ -1,117 +1,135 @@
-// SafeCFG for ComfyUI: score badges and blurred, click-to-reveal previews on the pack's own
-// detector and filter nodes. Touches no other node type.
+// SafeCFG for ComfyUI: per-image scores, flags and reveal buttons on the pack's own detector and
+// filter nodes. The server already blurs every flagged image in the preview files it sends, so the
+// previews are blurred in any renderer, the queue and the assets panel; this extension only adds a
+// report with a "reveal" button per flagged image, through the front end's documented DOM-widget API
+// (node.addDOMWidget), which the classic canvas and Nodes 2.0 both render. It touches no other node
+// type and patches no canvas call.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const NODE_TYPES = new Set(["HGRHarmDetector", "HGRHarmFilter"]);
-const PREVIEW_WIDGET = "$$canvas-image-preview";
-const BLUR = "blur(14px)";
+const WIDGET = "safecfg_report";
+const STYLE = `
+.safecfg-report { font: 12px sans-serif; color: var(--input-text, #ddd); display: flex; flex-direction: column;
+  gap: 3px; overflow: auto; height: 100%; box-sizing: border-box; padding: 2px 4px; }
+.safecfg-report .safecfg-summary { font-weight: 600; white-space: normal; }
+.safecfg-report .safecfg-row { display: flex; align-items: center; gap: 6px; }
+.safecfg-report .safecfg-tag { border-radius: 3px; padding: 0 5px; color: #fff; background: #1e7b34; }
+.safecfg-report .safecfg-row[data-flagged="true"] .safecfg-tag { background: #b3261e; }
+.safecfg-report button { font: inherit; padding: 0 6px; cursor: pointer; }
+.safecfg-report img.safecfg-reveal { max-width: 100%; object-fit: contain;
+  image-rendering: pixelated; align-self: flex-start; height: 180px; }
+`;
+
+function addStyle() {
+  if (document.getElementById("safecfg-harm-style")) return;
+  const el = document.createElement("style");
+  el.id = "safecfg-harm-style";
+  el.textContent = STYLE;
+  document.head.appendChild(el);
+}
 
 function state(node) {
-  if (!node.safecfg) node.safecfg = { scores: [], flags: [], threshold: null, revealed: false, blurredDraws: 0 };
+  if (!node.safecfg) node.safecfg = { scores: [], flags: [], reveal: [], threshold: null, revealed: [] };
   return node.safecfg;
 }
 
-// Which batch image an <img> being drawn is: by identity in node.imgs, else by the preview file
-// name in its URL (the front end may draw copies of the preview images).
-function imageIndexOf(node, img) {
-  const i = Array.isArray(node.imgs) ? node.imgs.indexOf(img) : -1;
-  if (i >= 0) return i;
-  const src = img && typeof img.src === "string" ? decodeURIComponent(img.src) : "";
-  const files = state(node).files;
-  if (!src || !files) return -1;
-  return files.findIndex((f) => f && src.includes(`filename=${f}`));
+function viewURL(entry) {
+  const [filename, subfolder, type] = entry;
+  const q = new URLSearchParams({ filename, subfolder: subfolder ?? "", type: type ?? "temp" });
+  return api.apiURL(`/view?${q}`);
 }
 
-// Flagged images are drawn blurred (unless revealed) by wrapping the canvas context's drawImage
-// while, and only while, this node's own image-preview widget draws.
-function installBlur(node, ctx) {
+function el(tag, props = {}, ...children) {
+  const e = document.createElement(tag);
+  Object.assign(e, props);
+  for (const c of children) e.append(c);
+  return e;
+}
+
+// the report's height in canvas units: the summary, one row an image, and the revealed image
+function reportHeight(node) {
   const s = state(node);
-  if (s.revealed || !s.flags.some(Boolean) || ctx.__safecfgOriginalDrawImage) return;
-  const original = ctx.drawImage;
-  ctx.__safecfgOriginalDrawImage = original;
-  ctx.drawImage = function (img, ...rest) {
-    const i = imageIndexOf(node, img);
-    if (i >= 0 && s.flags[i]) {
-      const previous = this.filter;
-      this.filter = previous && previous !== "none" ? `${previous} ${BLUR}` : BLUR;
-      s.blurredDraws += 1;
-      try {
-        return original.call(this, img, ...rest);
-      } finally {
-        this.filter = previous;
-      }
-    }
-    return original.call(this, img, ...rest);
-  };
+  return 56 + 20 * s.scores.length + (s.revealed.some(Boolean) ? 200 : 0);
 }
 
-function removeBlur(ctx) {
-  if (ctx.__safecfgOriginalDrawImage) {
-    ctx.drawImage = ctx.__safecfgOriginalDrawImage;
-    delete ctx.__safecfgOriginalDrawImage;
-  }
+// grow the node (never shrink it) so that the report and the previews both fit
+function fit(node) {
+  const want = node.computeSize?.();
+  if (want && node.size && want[1] > node.size[1]) node.setSize?.([Math.max(node.size[0], want[0]), want[1]]);
 }
 
-function wrapPreview(node) {
-  const w = node.widgets?.find((x) => x.name === PREVIEW_WIDGET);
-  if (!w || w.__safecfgWrapped) return;
-  // the canvas draws widgets through drawWidget (current front ends) or draw (older ones)
-  for (const method of ["drawWidget", "draw"]) {
-    const original = w[method];
-    if (typeof original !== "function") continue;
-    w[method] = function (ctx, ...rest) {
-      installBlur(node, ctx);
-      try {
-        return original.call(this, ctx, ...rest);
-      } finally {
-        removeBlur(ctx);
-      }
-    };
-  }
-  w.__safecfgWrapped = true;
-}
-
-function badgeText(node) {
+function render(node) {
   const s = state(node);
-  if (!s.scores.length) return null;
+  const root = s.root;
+  if (!root) return;
+  root.dataset.safecfgNode = String(node.id);
+  root.replaceChildren();
+  const n = s.scores.length;
+  if (!n) {
+    root.append(el("div", { className: "safecfg-summary", textContent: "Scores appear here after a run." }));
+    return;
+  }
   const flagged = s.flags.filter(Boolean).length;
-  const idx = node.imageIndex;
-  if (idx != null && idx >= 0 && idx < s.scores.length) {
-    return `${s.flags[idx] ? "FLAGGED" : "ok"} · score ${s.scores[idx].toFixed(3)}`;
+  const thr = s.threshold == null ? "" : ` · threshold ${Number(s.threshold).toFixed(3)}`;
+  const note = flagged ? " · flagged previews blurred" : "";
+  const summary = `${flagged}/${n} flagged · max ${Math.max(...s.scores).toFixed(3)}${thr}${note}`;
+  root.append(el("div", { className: "safecfg-summary", textContent: summary }));
+  s.summary = summary;
+  for (let i = 0; i < n; i++) {
+    const row = el("div", { className: "safecfg-row" });
+    row.dataset.index = String(i);
+    row.dataset.flagged = String(Boolean(s.flags[i]));
+    row.append(el("span", { textContent: `#${i + 1}` }),
+      el("span", { className: "safecfg-tag", textContent: s.flags[i] ? "FLAGGED" : "ok" }),
+      el("span", { textContent: `score ${s.scores[i].toFixed(3)}` }));
+    if (s.flags[i] && s.reveal[i]) {
+      const open = Boolean(s.revealed[i]);
+      const b = el("button", { className: "safecfg-reveal-button", textContent: open ? "hide" : "reveal",
+        title: open ? "Hide the sharp image again" : "Show this flagged image unblurred, below" });
+      b.addEventListener("click", (e) => {
+        e.stopPropagation();
+        const open = !s.revealed[i];
+        s.revealed = s.revealed.map(() => false);  // one sharp image at a time
+        s.revealed[i] = open;
+        render(node);
+      });
+      row.append(b);
+    }
+    root.append(row);
+    if (s.flags[i] && s.reveal[i] && s.revealed[i]) {
+      const img = el("img", { className: "safecfg-reveal", src: viewURL(s.reveal[i]),
+        alt: `flagged image ${i + 1}, unblurred` });
+      img.dataset.index = String(i);
+      root.append(img);
+    }
   }
-  const max = Math.max(...s.scores);
-  return `${flagged}/${s.scores.length} flagged · max ${max.toFixed(3)}`;
-}
-
-function drawBadge(node, ctx) {
-  const text = badgeText(node);
-  if (!text) return;
-  const s = state(node);
-  const flagged = s.flags.some(Boolean);
-  ctx.save();
-  ctx.font = "12px sans-serif";
-  const w = ctx.measureText(text).width + 12;
-  const x = node.size[0] - w - 6;
-  const y = 4;
-  ctx.fillStyle = flagged ? "#b3261e" : "#1e7b34";
-  ctx.beginPath();
-  ctx.roundRect ? ctx.roundRect(x, y, w, 18, 4) : ctx.rect(x, y, w, 18);
-  ctx.fill();
-  ctx.fillStyle = "#fff";
-  ctx.textBaseline = "middle";
-  ctx.fillText(text, x + 6, y + 9);
-  if (flagged && !s.revealed) {
-    ctx.fillStyle = "#ddd";
-    ctx.fillText("flagged previews blurred: click to reveal", 8, node.size[1] - 8);
-  }
-  ctx.restore();
-  s.badge = text;
+  fit(node);
+  node.setDirtyCanvas?.(true, true);
 }
 
 app.registerExtension({
   name: "SafeCFG.HarmBadges",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_TYPES.has(nodeData?.name)) return;
+    addStyle();
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      const s = state(this);
+      s.root = el("div", { className: "safecfg-report" });
+      s.root.dataset.nodeType = nodeData.name;
+      const widget = this.addDOMWidget(WIDGET, "safecfg_report", s.root, {
+        serialize: false,
+        hideOnZoom: false,
+        getMinHeight: () => reportHeight(this),
+        getMaxHeight: () => reportHeight(this),
+      });
+      if (widget) widget.serialize = false;  // never in the workflow's widgets_values
+      render(this);
+      return r;
+    };
 
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
@@ -119,32 +137,11 @@ app.registerExtension({
       const s = state(this);
       s.scores = (message?.hgr_scores ?? []).map(Number);
       s.flags = (message?.hgr_flags ?? []).map(Boolean);
+      s.reveal = message?.hgr_reveal ?? [];
       s.threshold = message?.hgr_threshold?.[0] ?? null;
-      s.files = (message?.images ?? []).map((im) => im?.filename ?? null);
-      s.revealed = false;
-      this.setDirtyCanvas?.(true, true);
+      s.revealed = s.scores.map(() => false);
+      render(this);
       return r;
-    };
-
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = onDrawForeground?.apply(this, arguments);
-      wrapPreview(this);  // runs before the widgets are drawn, every frame
-      if (!this.flags?.collapsed) drawBadge(this, ctx);
-      return r;
-    };
-
-    const onMouseDown = nodeType.prototype.onMouseDown;
-    nodeType.prototype.onMouseDown = function (e, pos) {
-      const s = state(this);
-      const preview = this.widgets?.find((w) => w.name === PREVIEW_WIDGET);
-      const top = preview?.y ?? preview?.last_y ?? 0;
-      if (s.flags.some(Boolean) && !s.revealed && pos && pos[1] >= top && this.imgs?.length) {
-        s.revealed = true;
-        this.setDirtyCanvas?.(true, true);
-        return true;
-      }
-      return onMouseDown?.apply(this, arguments);
     };
   },
 });

@@ -75,7 +75,10 @@ def sd15_patch() -> dict:
 
 
 def toy_detect_filter() -> dict:
-    """Two toy prompts (harmful and clean), 3 images each, scored and filtered."""
+    """Two toy prompts (harmful and clean), 3 images each, scored and filtered. The detector's and the
+    filter's previews show flagged images blurred (click "reveal" in the node's report to see one);
+    the safe images are saved. The filter's 'flagged_images' output (the flagged images, unchanged) is
+    left unconnected: a core preview node there would show them sharp."""
     g = {
         "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red skull on stripes", "clip": ["1", 1]},
@@ -101,7 +104,6 @@ def toy_detect_filter() -> dict:
         "13": {"class_type": "HGRHarmFilter", "inputs": {"images": ["10", 0], "detection": ["12", 0],
                                                          "action": "blur", "strength": 8}},
         "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 1], "filename_prefix": "safecfg_safe"}},
-        "15": {"class_type": "PreviewImage", "inputs": {"images": ["13", 2]}, "_meta": {"title": "Flagged"}},
     }
     return g
 
