@@ -5,7 +5,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: bootstrap test lint pytest bench bench-train demo eval calibrate attack workflows toy-train toy-train-vae \
-	toy-train-oracle toy-train-unet toy-train-text-hgr toy-train-text-hgr-adversarial clean-env test-comfy
+	toy-train-oracle toy-train-unet toy-train-text-hgr toy-train-text-hgr-adversarial clean-env test-comfy test-matrix
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -23,6 +23,10 @@ test: lint pytest
 # ComfyUI's own test suites with and without this pack: the same counts (scripts/test_comfy.sh)
 test-comfy: bootstrap
 	bash scripts/test_comfy.sh
+
+# the whole suite on the oldest declared ComfyUI (0.3.52) and on 0.3.75 -> results/test_matrix.json (~20 min)
+test-matrix: bootstrap
+	bash scripts/test_matrix.sh
 
 bench: bootstrap
 	$(PY) -m benchmarks.bench_sampling --out results/bench.json
@@ -55,7 +59,7 @@ toy-train-unet: bootstrap
 	$(PY) -m toyworld.train_unet --steps 6497
 	$(PY) -m toyworld.train_unet --init --held-out-p 0.5 --steps 1600 --lr 4e-4
 
-# The paper's text HGR for the toy model (weights/hgr/toyworld_text_hgr.safetensors): teacher data with
+# The paper's text HGR for the toy model (weights/hgr/toyworld/toyworld_text_hgr.safetensors): teacher data with
 # composed scenes (training templates only), 1000 fit steps and one on-policy round (600 steps), then a
 # second on-policy round sampled with that HGR (800 steps), then its rewriter of the prompt's own
 # embedding (1200 steps on the same pairs' embeddings); ~45 min on this CPU
@@ -68,7 +72,7 @@ toy-train-text-hgr: bootstrap
 		--out .toytrain/toyworld_text_hgr_r2.safetensors --cache .toytrain/text_hgr_cache \
 		--init .toytrain/toyworld_text_hgr_r1.safetensors --on-policy-rounds 1 --round-fit-steps 800
 	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_composed.json \
-		--out weights/hgr/toyworld_text_hgr.safetensors --init .toytrain/toyworld_text_hgr_r2.safetensors \
+		--out weights/hgr/toyworld/toyworld_text_hgr.safetensors --init .toytrain/toyworld_text_hgr_r2.safetensors \
 		--rewrite-steps 1200
 
 # An experiment, not bundled (README, "Adversarial robustness"): AdvUnlearn-style training of the
@@ -78,10 +82,10 @@ toy-train-text-hgr: bootstrap
 # (600 steps) and the rewriter refitted on that data (~28 min on this CPU), then the attacks against
 # the result at the strength calibration chose for it (2.0)
 toy-train-text-hgr-adversarial: bootstrap
-	$(PY) -m toyworld.adversarial_data --hgr weights/hgr/toyworld_text_hgr.safetensors
+	$(PY) -m toyworld.adversarial_data --hgr weights/hgr/toyworld/toyworld_text_hgr.safetensors
 	$(PY) -m commands.train_hgr --toy --kind text --data data/toyworld_hgr_adversarial.json \
 		--out .toytrain/toyworld_text_hgr_adv.safetensors --cache .toytrain/text_hgr_adv_cache \
-		--init weights/hgr/toyworld_text_hgr.safetensors --on-policy-rounds 1 --round-fit-steps 600 \
+		--init weights/hgr/toyworld/toyworld_text_hgr.safetensors --on-policy-rounds 1 --round-fit-steps 600 \
 		--rewrite-steps 1200
 	$(PY) -m toyworld.attack --text-hgr .toytrain/toyworld_text_hgr_adv.safetensors --methods "plain,text_hgr[2.0]" \
 		--out .toytrain/attack_text_hgr_adv.json

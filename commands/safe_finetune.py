@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     if args.toy:
         pool_path = Path(args.prompts or repo / "data" / "toyworld_pool.txt")
         labels_path = Path(args.labels or repo / "data" / "toyworld_pool_labels.json")
-        hgr_path = args.hgr or repo / "weights" / "hgr" / "toyworld_text_hgr.safetensors"
+        hgr_path = args.hgr or repo / "weights" / "hgr" / "toyworld" / "toyworld_text_hgr.safetensors"
     else:
         pool_path, hgr_path = Path(args.prompts), args.hgr
         labels_path = Path(args.labels) if args.labels else pool_path

@@ -78,9 +78,25 @@ def main(argv=None) -> int:
     _, summary = train_hgr(teacher, data, cache_dir, out, base_model=base, progress=progress, cache_spec=cache_spec,
                            fit_spec=FitSpec(steps=args.fit_steps, seed=args.seed),
                            config=HGRConfig(latent_channels=teacher.latent_channels, width=args.width or 64))
+    _stamp(args, mp, out)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     print(f"wrote {out}")
     return 0
+
+
+def _stamp(args, mp, out: Path) -> None:
+    """Record in the file the model it was trained for (the toy model's fingerprint is marked as such)."""
+    from safecfg_pack.nodes.hgr_type import model_fingerprint
+    from safecfg_pack.safecfg.hgr_file import stamp_trained_for
+
+    if args.toy:
+        from safecfg_pack.toyworld.models import toy_fingerprint
+
+        fp = toy_fingerprint(mp)
+    else:
+        fp = model_fingerprint(mp, name=Path(args.checkpoint).name)
+    if fp:
+        stamp_trained_for(out, fp)
 
 
 def _train_text(args, teacher, mp, data, out: Path, base: str, cache_dir: Path, progress) -> int:
@@ -117,6 +133,7 @@ def _train_text(args, teacher, mp, data, out: Path, base: str, cache_dir: Path, 
         save_hgr(out, hgr, base_model=base or (init.metadata.get("base_model", "") if init else ""),
                  training=summary, detection=detection)
         load_hgr(out)
+    _stamp(args, mp, out)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     print(f"wrote {out}")
     return 0

@@ -394,6 +394,18 @@ def _format_validation_error(error, node_errors) -> str:
     return "\n".join(lines) or "prompt validation failed"
 
 
+def _executor(execution, server):
+    """A classic-cache ``PromptExecutor``, whichever constructor this ComfyUI has: 0.3.75 takes
+    ``cache_args`` (and reads ``cache_args["ram"]``), older releases (0.3.52) take ``cache_size``."""
+    import inspect
+
+    params = inspect.signature(execution.PromptExecutor.__init__).parameters
+    if "cache_args" in params:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
+
+
 def run_prompt(prompt: dict, *, prompt_id: str | None = None, extra_data: dict | None = None,
                return_executor: bool = False) -> dict:
     """Validate and execute an API-format graph headless; return the UI outputs.
@@ -415,8 +427,7 @@ def run_prompt(prompt: dict, *, prompt_id: str | None = None, extra_data: dict |
 
     server = _HEADLESS
     server.messages.clear()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+    executor = _executor(execution, server)
     executor.execute(prompt, prompt_id, extra_data or {}, outputs)
 
     err_msgs = [d for ev, d in executor.status_messages if ev in ("execution_error", "execution_interrupted")]

@@ -7,7 +7,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 from comfy.sampler_helpers import convert_cond
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..safecfg.detect import ACTIONS, Detection, apply_action, detect, level_percents

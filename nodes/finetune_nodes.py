@@ -15,7 +15,7 @@ import comfy.utils
 import folder_paths
 import torch
 from comfy.sampler_helpers import convert_cond
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..safecfg.finetune import (
     FinetuneSpec,
@@ -29,6 +29,7 @@ from ..safecfg.finetune import (
 from ..safecfg.lora import inject_lora, remove_lora, save_lora, train_lora
 from ..safecfg.teacher_cache import cache_metadata
 from .hgr_type import HGRHandle, HGRType
+from .hgr_type import state_dir as user_state_dir
 from .teacher import ComfyTeacher, swap_inference_params
 
 log = logging.getLogger("SafeCFG")
@@ -172,8 +173,8 @@ class HGRSafeFinetune(io.ComfyNode):
             category="SafeCFG",
             description=("Fine-tunes a LoRA so that plain CFG moves towards SafeCFG, from unlabeled prompts: each "
                          "sample is weighted by the HGR's own harmfulness score. Writes ComfyUI/models/loras/"
-                         "<filename>.safetensors for LoraLoaderModelOnly. Cancel keeps the progress; run again "
-                         "to resume."),
+                         "<filename>.safetensors for LoraLoaderModelOnly. Cancel keeps the progress (in ComfyUI's "
+                         "user/safecfg/lora_state/<filename>); run again to resume."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to make safe."),
                 io.Clip.Input("clip", tooltip="Its text encoder."),
@@ -245,7 +246,8 @@ class HGRSafeFinetune(io.ComfyNode):
 
         try:
             summary = run_finetune(model, clip, pool, out, spec, redirector=red, image_size=image_size,
-                                   state_dir=out_dir / f".{name}.state", progress=progress, should_stop=should_stop,
+                                   state_dir=Path(user_state_dir("lora_state", name)), progress=progress,
+                                   should_stop=should_stop,
                                    metadata={"hgr": hgr.name})
         except InterruptedError:
             comfy.model_management.throw_exception_if_processing_interrupted()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from .hgr_type import HGRHandle, HGRType
 from .sampling import SafeCFGGuider, is_text, patch_model, text_negative, text_positive

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..safecfg.concept_text import TextConceptStage
 from ..safecfg.hgr_file import HGRFileError, load_hgr

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
+from ..safecfg import model_id
 from ..safecfg.redirect import Redirector
 
 HGRType = io.Custom("HGR")
@@ -31,9 +34,26 @@ class HGRHandle:
     #: trained for
     text_width: int | None = None
     text_family: str = ""
+    #: the fingerprint of the model a learned HGR was trained for (``safecfg.model_id``), if recorded
+    trained_for: dict | None = None
 
     def check_model(self, model_patcher, node: str) -> None:
-        """Fail early, naming the node, if this HGR cannot drive ``model_patcher``."""
+        """Fail early, naming the node, if this HGR cannot drive ``model_patcher``; warn (log and UI)
+        when it was trained for another model of the same family (an error for the bundled toy HGRs)."""
+        fp = model_fingerprint(model_patcher) if self.trained_for else None
+        other = fp is not None and not model_id.same_model(self.trained_for, fp)
+        msg = (f"{node}: HGR '{self.name}' was trained for {model_id.describe(self.trained_for)}, but the model "
+               f"connected is {model_id.describe(fp)}.") if other else ""
+        if other and self.trained_for.get("toy"):
+            raise ValueError(msg + " The bundled toy-world HGRs work only with the toy-world model (SafeCFG "
+                                   "Toy-World Model). For your checkpoint, train an HGR with HGRTrain or use "
+                                   "HGRConceptRedirector, which needs no training.")
+        self._check_family(model_patcher, node)
+        if other:
+            warn_user(msg + " It may redirect poorly on this model: train one for it with HGRTrain (or use "
+                            "HGRConceptRedirector).")
+
+    def _check_family(self, model_patcher, node: str) -> None:
         lf = model_patcher.model.latent_format
         fam, ch = type(lf).__name__, int(getattr(lf, "latent_channels", 4))
         if self.text_width is not None:
@@ -57,8 +77,56 @@ class HGRHandle:
 
 def handle_for(hgr, name: str) -> HGRHandle:
     """The ``HGR`` wire value for a loaded learned HGR file (latent or text kind)."""
+    trained_for = getattr(hgr, "trained_for", None)
     if getattr(hgr, "kind", "") == "text":  # the paper's form: acts on the text embedding
         return HGRHandle(hgr, name=name, categories=hgr.categories, text_width=hgr.config.embed_dim,
-                         text_family=hgr.family)
+                         text_family=hgr.family, trained_for=trained_for)
     return HGRHandle(hgr, name=name, latent_format=hgr.latent_format, latent_channels=hgr.config.latent_channels,
-                     categories=hgr.categories)
+                     categories=hgr.categories, trained_for=trained_for)
+
+
+def model_fingerprint(model_patcher, name: str = "") -> dict | None:
+    """The fingerprint of a ComfyUI model's denoiser (its unpatched weights: a LoRA applied through
+    the model patcher does not change it); None when the weights cannot be read (e.g. a quantised
+    format another pack provides)."""
+    try:
+        dm = model_patcher.model.diffusion_model
+        named = dict(dm.named_parameters())
+        backup = getattr(model_patcher, "backup", None) or {}
+
+        def value_of(k):
+            b = backup.get("diffusion_model." + k)
+            return b.weight if b is not None else named[k]
+
+        cfg = getattr(model_patcher.model, "model_config", None)
+        return model_id.fingerprint(named, value_of=value_of, name=name or (type(cfg).__name__ if cfg else ""))
+    except Exception as e:  # never let a fingerprint break sampling
+        logging.info("SafeCFG: no model fingerprint (%s: %s)", type(e).__name__, e)
+        return None
+
+
+_warned: set[str] = set()
+
+
+def warn_user(message: str) -> None:
+    """A warning in the log and, when a server runs, a toast in the UI (the pack's web extension);
+    each distinct message once per session."""
+    logging.warning(message)
+    if message in _warned:
+        return
+    _warned.add(message)
+    try:
+        from server import PromptServer
+
+        if getattr(PromptServer, "instance", None) is not None:
+            PromptServer.instance.send_sync("safecfg.warning", {"message": message})
+    except Exception:  # no server (command line, tests): the log line is the warning
+        pass
+
+
+def state_dir(kind: str, name: str) -> str:
+    """Where a training run keeps its cache and resumable state: ComfyUI's user directory, never a
+    model folder (ComfyUI scans those, and their contents show up in the loaders' lists)."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_user_directory(), "safecfg", kind, name)

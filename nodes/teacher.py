@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -56,7 +58,7 @@ class ComfyTeacher:
         extra = dict(parts[0][1])
         if all("pooled_output" in p[1] and p[1]["pooled_output"] is not None for p in parts):
             extra["pooled_output"] = torch.cat([p[1]["pooled_output"] for p in parts])
-        return [[torch.cat([p[0] for p in parts]), extra]]
+        return [[cat_token_rows([p[0] for p in parts]), extra]]
 
     def sigma_range(self) -> tuple[float, float]:
         ms = self.mp.get_model_object("model_sampling")
@@ -130,6 +132,18 @@ class ComfyTeacher:
             return comfy.samplers.calc_cond_batch(mp.model, conds, x, sigma, mp.model_options)[0].float()
         finally:
             mp.cleanup()
+
+
+def cat_token_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Text embeddings (1, T_i, D) of prompts of different lengths (a prompt over 77 tokens has
+    several CLIP chunks) as one batch: each is repeated along the tokens to the least common multiple
+    of the lengths, as ComfyUI batches cross-attention conditionings. Attention over a sequence
+    repeated k times equals attention over the sequence, so every row means what it meant alone."""
+    lengths = {int(r.shape[1]) for r in rows}
+    if len(lengths) == 1:
+        return torch.cat(rows)
+    total = math.lcm(*lengths)
+    return torch.cat([r.repeat(1, total // r.shape[1], 1) for r in rows])
 
 
 def swap_inference_params(root: torch.nn.Module) -> list:

@@ -10,16 +10,16 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
-from ..safecfg.hgr_file import load_hgr, save_hgr
+from ..safecfg.hgr_file import load_hgr, save_hgr, stamp_trained_for
 from ..safecfg.hgr_net import HGRConfig
 from ..safecfg.prompts import PromptData
 from ..safecfg.teacher_cache import CacheSpec
 from ..safecfg.text_train import RewriteSpec, TextFitSpec, TextStatesSpec, add_rewriter, train_text_hgr
 from ..safecfg.train import FitSpec, train_hgr
 from .hgr_nodes import FOLDER
-from .hgr_type import HGRType, handle_for
+from .hgr_type import HGRType, handle_for, model_fingerprint, state_dir
 from .teacher import ComfyTeacher, swap_inference_params
 
 CATEGORY = "SafeCFG"
@@ -35,7 +35,8 @@ class HGRTrain(io.ComfyNode):
             category=CATEGORY,
             description=("Trains a Harmful Guidance Redirector for the model in the graph from harmful/safe "
                          "prompt pairs, and saves it in models/hgr/. The expensive part (the model's own "
-                         "guidance) is cached next to the file, so a cancelled run resumes."),
+                         "guidance) is cached in ComfyUI's user folder (user/safecfg/hgr_cache/<name>), so a cancelled "
+                         "run resumes."),
             is_output_node=True,
             not_idempotent=True,
             inputs=[
@@ -82,6 +83,8 @@ class HGRTrain(io.ComfyNode):
             raise ValueError(f"HGRTrain: invalid filename {filename!r}; use a plain name such as 'my_hgr'.")
         out_dir = Path(folder_paths.get_folder_paths(FOLDER)[0])
         out = out_dir / f"{name}.safetensors"
+        cache_dir = Path(state_dir("hgr_cache", name))
+        trained_for = model_fingerprint(model)
         teacher = ComfyTeacher(model, clip, width=image_size, height=image_size)
         bar = comfy.utils.ProgressBar(100)
 
@@ -99,7 +102,7 @@ class HGRTrain(io.ComfyNode):
                 swapped = swap_inference_params(model.model)
                 try:
                     hgr, summary = train_text_hgr(
-                        teacher, prompts, out_dir / f".{name}.cache", out, base_model=type(model.model).__name__,
+                        teacher, prompts, cache_dir, out, base_model=type(model.model).__name__,
                         family=type(model.model.model_config).__name__, spec=TextStatesSpec(seed=seed),
                         fit_spec=TextFitSpec(steps=fit_steps, seed=seed), progress=progress,
                         should_stop=should_stop, notes={"data": path.name})
@@ -116,6 +119,7 @@ class HGRTrain(io.ComfyNode):
                 load_hgr(out)
                 note = f"; rewriter {r['steps']} steps, validation loss {r['val_loss']:.4f} (identity " \
                        f"{r['identity_val_loss']:.4f})"
+            hgr = _stamped(out, hgr, trained_for)
             return io.NodeOutput(handle_for(hgr, out.name), ui={"text": [
                 f"saved {out} (text HGR, {summary['steps']} steps, validation loss {summary['val_loss']:.4f}, "
                 f"identity {summary['identity_val_loss']:.4f}{note})"]})
@@ -124,10 +128,19 @@ class HGRTrain(io.ComfyNode):
                              "latent HGR.")
         if kind != "latent":
             raise ValueError(f"HGRTrain: unknown kind {kind!r}; use 'latent' or 'text'.")
-        hgr, summary = train_hgr(teacher, prompts, out_dir / f".{name}.cache", out,
+        hgr, summary = train_hgr(teacher, prompts, cache_dir, out,
                                  base_model=type(model.model).__name__, progress=progress, should_stop=should_stop,
                                  cache_spec=CacheSpec(seed=seed), fit_spec=FitSpec(steps=fit_steps, seed=seed),
                                  config=HGRConfig(latent_channels=teacher.latent_channels),
                                  device=comfy.model_management.get_torch_device())
+        hgr = _stamped(out, hgr, trained_for)
         return io.NodeOutput(handle_for(hgr, out.name), ui={"text": [
             f"saved {out} ({summary['steps']} steps, best validation loss {summary['best_val']:.4f})"]})
+
+
+def _stamped(out: Path, hgr, trained_for: dict | None):
+    """Record in the written file (and on the returned HGR) the model it was trained for."""
+    if trained_for:
+        stamp_trained_for(out, trained_for)
+        hgr.trained_for = trained_for
+    return hgr

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .hgr_net import HGRConfig, HGRNet, LearnedHGR, count_params
@@ -39,12 +40,14 @@ def _fail(path, problem: str, fix: str) -> HGRFileError:
 
 
 def save_hgr(path: str | os.PathLike, hgr: LearnedHGR | TextHGR, *, base_model: str = "",
-             training: dict | None = None, detection: dict | None = None) -> Path:
+             training: dict | None = None, detection: dict | None = None, trained_for: dict | None = None) -> Path:
     """Write ``hgr`` (a latent or a text-embedding HGR) to ``path`` (atomically: a crash never leaves a
     half-written file).
 
     ``detection`` (optional): the calibrated detector settings, e.g. ``{"threshold": 0.1}``; the
-    detector node uses its threshold when set to auto."""
+    detector node uses its threshold when set to auto. ``trained_for`` (optional): the fingerprint of
+    the model it was trained for (``safecfg.model_id.fingerprint``); by default the one ``hgr``
+    was loaded with, if any."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise _fail(path, "the name does not end in .safetensors", "Save HGR files as .safetensors")
@@ -53,7 +56,7 @@ def save_hgr(path: str | os.PathLike, hgr: LearnedHGR | TextHGR, *, base_model: 
                 "family": hgr.family, "embed_dim": str(hgr.config.embed_dim), "tokens": str(hgr.config.tokens),
                 "base_model": base_model, "categories": json.dumps(hgr.categories),
                 "training": json.dumps(training or {}, sort_keys=True, default=str)}
-        return _write(path, hgr, meta, detection)
+        return _write(path, hgr, meta, detection, trained_for)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,12 +67,15 @@ def save_hgr(path: str | os.PathLike, hgr: LearnedHGR | TextHGR, *, base_model: 
         "categories": json.dumps(hgr.categories),
         "training": json.dumps(training or {}, sort_keys=True, default=str),
     }
-    return _write(path, hgr, meta, detection)
+    return _write(path, hgr, meta, detection, trained_for)
 
 
-def _write(path: Path, hgr, meta: dict, detection: dict | None) -> Path:
+def _write(path: Path, hgr, meta: dict, detection: dict | None, trained_for: dict | None = None) -> Path:
     if detection is None and getattr(hgr, "detect_threshold", None) is not None:
         detection = {"threshold": hgr.detect_threshold}
+    trained_for = trained_for if trained_for is not None else getattr(hgr, "trained_for", None)
+    if trained_for:
+        meta["trained_for"] = json.dumps(trained_for, sort_keys=True)
     if detection:
         meta["detection"] = json.dumps(detection, sort_keys=True, default=str)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hgr.net.state_dict().items()}
@@ -181,6 +187,7 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
                      name=path.name)
     hgr.metadata = dict(meta, n_params=str(n_params))
     hgr.detect_threshold = _detect_threshold(meta.get("detection"))
+    hgr.trained_for = _trained_for(path, meta.get("trained_for"))
     return hgr
 
 
@@ -248,7 +255,45 @@ def _load_text(path: Path, header: dict, meta: dict, family: str | None, device)
     hgr = TextHGR(net.to(device), family=meta["family"], categories=_categories(meta), name=path.name)
     hgr.metadata = dict(meta, n_params=str(n))
     hgr.detect_threshold = _detect_threshold(meta.get("detection"))
+    hgr.trained_for = _trained_for(path, meta.get("trained_for"))
     return hgr
+
+
+def _trained_for(path: Path, raw: str | None) -> dict | None:
+    """The fingerprint of the model the file was trained for (``safecfg.model_id``), or None when the
+    file records none (files from before the fingerprint was written)."""
+    if not raw:
+        return None
+    try:
+        fp = json.loads(raw)
+    except json.JSONDecodeError:
+        fp = None
+    ok = (isinstance(fp, dict) and isinstance(fp.get("arch"), str) and isinstance(fp.get("probe"), list)
+          and all(isinstance(v, (int, float)) for v in fp["probe"]) and len(fp["probe"]) <= 1024)
+    if not ok:
+        raise _fail(path, "the 'trained_for' metadata is not a model fingerprint", "The file is corrupt; re-train it")
+    return {"arch": fp["arch"], "probe": [float(v) for v in fp["probe"]], "name": str(fp.get("name", "")),
+            "toy": bool(fp.get("toy", False))}
+
+
+def stamp_trained_for(path: str | os.PathLike, trained_for: dict) -> Path:
+    """Record in an existing HGR file the model it was trained for; the weights stay byte-identical
+    (rewritten atomically)."""
+    path = Path(path)
+    read_header(path)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    meta["trained_for"] = json.dumps(trained_for, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def _categories(meta: dict) -> list[str]:

@@ -128,8 +128,21 @@ def test_workflow_runs_in_the_front_end(path, page_and_server, tmp_path_factory)
             assert check_pixels(page, server, scored) > 0, "no flagged image was checked against its original"
         else:
             check_pixels(page, server, scored)
-    if any(n["type"] == "HGRTrain" for n in wf["nodes"]):
-        assert any((server.base_dir / "models" / "hgr").glob("*.safetensors"))
-    if any(n["type"] == "HGRSafeFinetune" for n in wf["nodes"]):
-        assert any((server.base_dir / "models" / "loras").glob("*.safetensors"))
+    trains = {"HGRTrain": ("hgr", "hgr_cache"), "HGRSafeFinetune": ("loras", "lora_state")}
+    for node_type, (folder, state) in trains.items():
+        if not any(n["type"] == node_type for n in wf["nodes"]):
+            continue
+        written = [p.name for p in (server.base_dir / "models" / folder).iterdir()]
+        assert written and all(n.endswith(".safetensors") for n in written), written  # nothing else there
+        assert any((server.base_dir / "user" / "safecfg" / state).iterdir()), "no resumable state kept"
+        # the loaders' lists, as the front end gets them: the new file, the toy files under toyworld/,
+        # and no cache or state folder
+        info = server.object_info("HGRLoader" if folder == "hgr" else "LoraLoaderModelOnly")
+        (spec,) = info.values()
+        key = "hgr_name" if folder == "hgr" else "lora_name"
+        options = spec["input"]["required"][key][0]
+        options = options if isinstance(options, list) else spec["input"]["required"][key][1]["options"]
+        assert set(written) <= set(options), (written, options)
+        assert not [o for o in options if "cache" in o or "state" in o or o.split("/")[-1].startswith(".")]
+        assert [o for o in options if o.startswith("toyworld/")]
     assert not [e for e in page.errors if "SafeCFG" in e or "safecfg" in e], page.errors

@@ -3,6 +3,9 @@ resumable shards and a validated file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import folder_paths
 import torch
 
 from devtools import comfy as runtime
@@ -96,7 +99,12 @@ def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
     f = out_dir / "tiny_test.safetensors"
     hgr = hgr_file.load_hgr(f, latent_format="SD15", latent_channels=4)
     assert hgr.categories == ["gore", "weapon"]
-    assert (out_dir / ".tiny_test.cache").is_dir()
+    # the cache lives in ComfyUI's user folder, never in a model folder
+    assert (Path(folder_paths.get_user_directory()) / "safecfg" / "hgr_cache" / "tiny_test").is_dir()
+    assert [p.name for p in out_dir.iterdir()] == ["tiny_test.safetensors"]
+    # the file records the model it was trained for
+    assert hgr.trained_for["arch"] and len(hgr.trained_for["probe"]) > 8 and hgr.trained_for["name"] == "SD15"
+    assert not hgr.trained_for["toy"]
     bad = dict(g)
     bad["2"] = {**g["2"], "inputs": {**g["2"]["inputs"], "data": str(tmp_path / "missing.json")}}
     import pytest
@@ -145,7 +153,8 @@ def test_hgr_train_node_trains_the_text_kind_and_keeps_the_denoiser_frozen(tmp_p
     f = out_dir / "tiny_text.safetensors"
     hgr = hgr_file.load_hgr(f)
     assert hgr.kind == "text" and hgr.family == "SD15" and hgr.categories == ["gore", "weapon"]
-    states = out_dir / ".tiny_text.cache" / "text_states.safetensors"
+    states = Path(folder_paths.get_user_directory()) / "safecfg" / "hgr_cache" / "tiny_text" / \
+        "text_states.safetensors"
     stamp = states.stat().st_mtime_ns
     run_prompt({**g, "2": {**g["2"], "inputs": {**g["2"]["inputs"], "fit_steps": 11}}})
     assert states.stat().st_mtime_ns == stamp  # the cached states were reused

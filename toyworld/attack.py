@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     seed = args.seed * 31 + 1
     text_hgr_path = Path(args.text_hgr) if args.text_hgr else TEXT_HGR
     methods = Methods(model, clip, methods=split_methods(args.methods), hgr_path=REPO / "weights" / "hgr" /
-                      "toyworld_hgr.safetensors", steps=args.steps, cfg=args.cfg, negative_prompt=HARM_WORDS,
+                      "toyworld/toyworld_hgr.safetensors", steps=args.steps, cfg=args.cfg, negative_prompt=HARM_WORDS,
                       settings=calibrated_settings(), text_hgr_path=text_hgr_path)
     for net in (methods.hgr, methods.text_hgr):  # the attacks differentiate to the prompt, never to weights
         if net is not None:
@@ -490,8 +490,8 @@ def _fingerprint(methods, method: str, text_hgr_path: Path) -> dict:
     from .eval.baselines import LORAS, split_method
 
     base = split_method(method)[0]
-    files = {"hgr": REPO / "weights" / "hgr" / "toyworld_hgr.safetensors", "text_hgr": Path(text_hgr_path)}
-    files |= {k: REPO / "weights" / "loras" / v for k, v in LORAS.items()}
+    files = {"hgr": REPO / "weights" / "hgr" / "toyworld" / "toyworld_hgr.safetensors", "text_hgr": Path(text_hgr_path)}
+    files |= {k: REPO / "weights" / "loras" / "toyworld" / v for k, v in LORAS.items()}
     digest = hashlib.sha256(Path(files[base]).read_bytes()).hexdigest() if base in files else None
     return {"method": method, "setting": methods.settings[method], "weights": digest}
 

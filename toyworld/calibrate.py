@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None,
                     help="comma-separated methods to calibrate (default: every one; '' for none: plain CFG and "
                          "the detection threshold only, which the safe fine-tune reads)")
-    ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"))
-    ap.add_argument("--text-hgr", default=str(REPO / "weights" / "hgr" / "toyworld_text_hgr.safetensors"))
+    ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld" / "toyworld_hgr.safetensors"))
+    ap.add_argument("--text-hgr", default=str(REPO / "weights" / "hgr" / "toyworld" / "toyworld_text_hgr.safetensors"))
     ap.add_argument("--no-write-hgr", dest="write_hgr", action="store_false",
                     help="do not record the detection threshold in the HGR file")
     ap.add_argument("--out", default=str(REPO / "results" / "calibration.json"))

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     graph = json.loads(WORKFLOW.read_text())
     settings = calibrated_settings()  # the HGR's and the LoRA's strengths as `make calibrate` chose them
-    hgr_file = REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"
+    hgr_file = REPO / "weights" / "hgr" / "toyworld" / "toyworld_hgr.safetensors"
     columns = [("plain CFG", "7"), ("SafeCFG concepts", "14")]
 
     def column(title: str, sampler: str, ids: tuple[str, str, str], prefix: str, **inputs) -> None:
@@ -79,23 +79,23 @@ def main(argv=None) -> int:
         columns.append((title, v))
 
     if hgr_file.is_file():
-        graph["20"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": hgr_file.name}}
+        graph["20"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld/" + hgr_file.name}}
         graph["21"] = {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["20", 0],
                                                                    "strength": float(settings["hgr"]),
                                                                    "start_percent": 0.0, "end_percent": 1.0}}
         column("SafeCFG latent HGR", "12", ("22", "23", "24"), "safecfg_demo_hgr", model=["21", 0])
-    text_file = REPO / "weights" / "hgr" / "toyworld_text_hgr.safetensors"
+    text_file = REPO / "weights" / "hgr" / "toyworld" / "toyworld_text_hgr.safetensors"
     if text_file.is_file():  # the paper's form through a stock KSampler: HGR(c) as its negative conditioning
-        graph["40"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": text_file.name}}
+        graph["40"] = {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld/" + text_file.name}}
         graph["41"] = {"class_type": "HGRTextNegative", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
                                                                    "hgr": ["40", 0],
                                                                    "strength": float(settings["text_hgr"])}}
         column("SafeCFG text HGR", "5", ("42", "43", "44"), "safecfg_demo_text_hgr", negative=["41", 0],
                positive=["41", 1])
-    lora_file = REPO / "weights" / "loras" / "toyworld_safe_lora.safetensors"
+    lora_file = REPO / "weights" / "loras" / "toyworld" / "toyworld_safe_lora.safetensors"
     if lora_file.is_file():  # plain CFG, stock KSampler, with the unsupervised safe LoRA
         graph["30"] = {"class_type": "LoraLoaderModelOnly",
-                       "inputs": {"model": ["1", 0], "lora_name": lora_file.name,
+                       "inputs": {"model": ["1", 0], "lora_name": "toyworld/" + lora_file.name,
                                   "strength_model": float(settings["finetuned_lora"])}}
         column("plain CFG + safe LoRA", "5", ("31", "32", "33"), "safecfg_demo_lora", model=["30", 0])
 

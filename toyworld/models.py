@@ -91,3 +91,15 @@ def clip_token_ids(clip: comfy.sd.CLIP, text: str) -> list[int]:
     """The 77 token ids ComfyUI's CLIPTextEncode feeds the encoder for ``text`` (first chunk)."""
     toks = clip.tokenize(text)["l"][0]
     return [t[0] for t in toks]
+
+
+TOY_MODEL_NAME = "the toy-world UNet (weights/toyworld/toy_unet.safetensors)"
+
+
+def toy_fingerprint(unet: comfy.model_patcher.ModelPatcher | None = None) -> dict:
+    """The toy UNet's fingerprint, marked as the toy model: an HGR trained for it refuses, with an
+    error, to drive any other model."""
+    from ..nodes.hgr_type import model_fingerprint
+
+    fp = model_fingerprint(unet if unet is not None else load_unet(), name=TOY_MODEL_NAME)
+    return dict(fp, toy=True)

@@ -1,5 +1,5 @@
 // SafeCFG for ComfyUI: per-image scores, flags and reveal buttons on the pack's own detector and
-// filter nodes. The server already blurs every flagged image in the preview files it sends, so the
+// filter nodes, and the server's warnings as toasts. The server already blurs every flagged image in the preview files it sends, so the
 // previews are blurred in any renderer, the queue and the assets panel; this extension only adds a
 // report with a "reveal" button per flagged image, through the front end's documented DOM-widget API
 // (node.addDOMWidget), which the classic canvas and Nodes 2.0 both render. It touches no other node
@@ -110,6 +110,15 @@ function render(node) {
 
 app.registerExtension({
   name: "SafeCFG.HarmBadges",
+  async setup() {
+    // warnings the server sends (e.g. an HGR used with another checkpoint than it was trained for)
+    api.addEventListener("safecfg.warning", (e) => {
+      const detail = e?.detail?.message ?? String(e?.detail ?? "");
+      const toast = app.extensionManager?.toast;
+      if (toast?.add) toast.add({ severity: "warn", summary: "SafeCFG", detail, life: 20000 });
+      else console.warn("SafeCFG:", detail);
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_TYPES.has(nodeData?.name)) return;
     addStyle();

@@ -97,7 +97,7 @@ def toy_detect_filter() -> dict:
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
         "10": {"class_type": "ImageBatch", "inputs": {"image1": ["8", 0], "image2": ["9", 0]}},
-        "11": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_hgr.safetensors"}},
+        "11": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld/toyworld_hgr.safetensors"}},
         "12": {"class_type": "HGRHarmDetector", "inputs": {
             "images": ["10", 0], "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "hgr": ["11", 0],
             "threshold": 0.0, "noise_levels": 4, "seed": 0, "batch_size": 8}},
@@ -123,13 +123,13 @@ def toy_safe_finetune() -> dict:
     ComfyUI's own LoRA loader, no SafeCFG node in the sampling path (bottom)."""
     return {
         "1": {"class_type": "HGRDemoModelLoader", "inputs": {}, "_meta": {"title": "Toy-world model"}},
-        "2": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_text_hgr.safetensors"}},
+        "2": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld/toyworld_text_hgr.safetensors"}},
         "3": {"class_type": "HGRSafeFinetune", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "hgr": ["2", 0], "prompts": "toyworld_pool.txt",
             "filename": "my_toy_safe_lora", "image_size": 64, "steps": 1500, "rank": 8, "threshold": 0.0,
             "seed": 0, "strength": 1.25}},
         "4": {"class_type": "LoraLoaderModelOnly", "inputs": {
-            "model": ["1", 0], "lora_name": "toyworld_safe_lora.safetensors", "strength_model": 2.0}},
+            "model": ["1", 0], "lora_name": "toyworld/toyworld_safe_lora.safetensors", "strength_model": 2.0}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red knife on stripes", "clip": ["1", 1]},
               "_meta": {"title": "Prompt"}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
@@ -160,7 +160,7 @@ def toy_demo() -> dict:
             "_meta": {"title": "Plain CFG"}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}, "_meta": {"title": "Plain CFG"}},
-        "8": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld_text_hgr.safetensors"}},
+        "8": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld/toyworld_text_hgr.safetensors"}},
         "9": {"class_type": "HGRSafeCFGPatch", "inputs": {"model": ["1", 0], "hgr": ["8", 0],
                                                           "strength": float(calibrated_settings()["text_hgr"]),
                                                           "start_percent": 0.0, "end_percent": 1.0}},

@@ -9,7 +9,7 @@ reaches the builders as ``devtools.tiny_nodes.models``.
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import models
 

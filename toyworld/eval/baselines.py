@@ -176,7 +176,7 @@ class Methods:
         self.names, self.settings = [], {}
         for name in methods:
             base, setting = split_method(name)
-            if base in LORAS and not (REPO / "weights" / "loras" / LORAS[base]).is_file():
+            if base in LORAS and not (REPO / "weights" / "loras" / "toyworld" / LORAS[base]).is_file():
                 continue
             if (base == "hgr" and self.hgr is None) or (base == "text_hgr" and self.text_hgr is None):
                 continue
@@ -200,7 +200,8 @@ class Methods:
         base, setting = split_method(name)[0], self.settings[name]
         if base in LORAS:
             def make():
-                sd = comfy.utils.load_torch_file(str(REPO / "weights" / "loras" / LORAS[base]), safe_load=True)
+                lora_file = REPO / "weights" / "loras" / "toyworld" / LORAS[base]
+                sd = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
                 return comfy.sd.load_lora_for_models(self.model, None, sd, float(setting), 0.0)[0]
             g = samplers.CFGGuider(self._cached(("lora", base, setting), make))
             g.set_conds(pos, self.empty)

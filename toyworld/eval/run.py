@@ -31,7 +31,7 @@ from .prompts import CLEAN_SPLITS, HARM_WORDS, SPLITS, make_prompts, training_st
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = "plain,negative_prompt,sld,concept,hgr,text_hgr,finetuned_lora,supervised_lora"
-TEXT_HGR = REPO / "weights" / "hgr" / "toyworld_text_hgr.safetensors"
+TEXT_HGR = REPO / "weights" / "hgr" / "toyworld" / "toyworld_text_hgr.safetensors"
 
 
 def encode_batch(clip, texts: list[str]):
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default=",".join(SPLITS))
     ap.add_argument("--prompts", default=None,
                     help="internal (calibration): a JSON file {split: [prompt spec]} used instead of the splits")
-    ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld_hgr.safetensors"),
+    ap.add_argument("--hgr", default=str(REPO / "weights" / "hgr" / "toyworld" / "toyworld_hgr.safetensors"),
                     help="the learned latent HGR evaluated as method 'hgr'")
     ap.add_argument("--text-hgr", default=str(TEXT_HGR),
                     help="the learned text-embedding HGR (the paper's form) evaluated as method 'text_hgr'")
