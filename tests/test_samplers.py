@@ -10,7 +10,6 @@ import comfy.samplers
 import nodes
 import pytest
 import torch
-
 from test_guidance import concept, core_guider, encode, latent, node_out, safe_guider, safe_patch
 
 STEPS = 4
