@@ -258,7 +258,17 @@ class ConceptRedirector(Redirector):
         tensor without a text stage or where no concept matches)."""
         return emb if self.text_stage is None else self.text_stage.rewrite(emb, strength)
 
+    @property
+    def latent_stage(self) -> bool:
+        """Whether the latent stage can ever act. A threshold of 1.0 (the node's "off") opens no gate, as
+        no cosine exceeds 1; the push needs a push threshold below 1 as well. When it cannot act the
+        sampler evaluates no concept row (the text stage alone costs nothing per step) and
+        :meth:`redirect` returns ``g`` itself."""
+        return self.tau < 1.0 or (self.push > 0 and self.push_tau < 1.0)
+
     def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None) -> Redirection:
+        if not self.latent_stage:
+            return Redirection(g, hed(g, g))
         if uncond is None or concept_preds is None or len(concept_preds) != self.num_concepts:
             raise ValueError("the concept redirector needs the uncond prediction and one prediction per concept")
         dirs = [c - uncond for c in concept_preds]

@@ -83,6 +83,36 @@ def test_guider_patch_and_ksampler_see_the_rewritten_positive_clean_prompts_bit_
                               latent())).abs().max() > 1e-3 * g.abs().max()
 
 
+def _rows_per_call(model, run) -> set[int]:
+    """The batch sizes the diffusion model is called with during ``run()`` (a forward pre-hook)."""
+    seen: set[int] = set()
+    hook = model.model.diffusion_model.register_forward_pre_hook(lambda _m, args: seen.add(int(args[0].shape[0])))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_text_stage_alone_evaluates_no_concept_row(sd15, pack):
+    """With the latent stage off (threshold 1.0, no push), the guider and the patch call the model with
+    cond and uncond only: the text stage costs no model row per step. With the latent stage on, each
+    concept joins the same call."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a red knife"), encode(clip, "")
+    text_only = _concept(clip, LINE, text_match=0.5)
+    assert text_only.redirector.text_stage is not None and not text_only.redirector.latent_stage
+    both = _concept(clip, LINE, threshold=0.3, text_match=0.5)
+    assert both.redirector.latent_stage
+    k = both.redirector.num_concepts
+    assert _rows_per_call(model, lambda: ksample(safe_patch(model, text_only), pos, neg)) == {2}
+    assert _rows_per_call(model, lambda: sample_guider(safe_guider(model, pos, neg, text_only), model,
+                                                      latent())) == {2}
+    assert _rows_per_call(model, lambda: ksample(safe_patch(model, both), pos, neg)) == {2 + k}
+    assert _rows_per_call(model, lambda: sample_guider(safe_guider(model, pos, neg, both), model, latent())) \
+        == {2 + k}
+
+
 def test_text_stage_on_a_long_prompt_of_several_chunks(sd15, pack):
     """A prompt of several 77-token chunks (ComfyUI encodes each chunk on its own and joins them): each
     position is compared with the empty prompt's vector at its place in its chunk, so a harmful word
