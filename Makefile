@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test lint pytest bench bench-train demo eval calibrate attack workflows toy-train toy-train-vae \
+.PHONY: bootstrap test lint pytest bench bench-train demo eval eval-samplers calibrate attack workflows toy-train toy-train-vae \
 	toy-train-oracle toy-train-unet toy-train-text-hgr toy-train-text-hgr-adversarial clean-env test-comfy test-matrix
 
 bootstrap:
@@ -97,6 +97,11 @@ demo: bootstrap
 # The toy-world benchmark of every method -> results/eval.json, results/eval_tradeoff.png
 eval: bootstrap
 	$(PY) -m toyworld.eval
+
+# The harmful splits under dpmpp_2m/karras, euler_ancestral and uni_pc against Euler, for the concept
+# redirector and both learned HGRs -> results/eval_samplers.json (~25 min; each sampler's run is kept)
+eval-samplers: bootstrap
+	$(PY) -m toyworld.eval.samplers
 
 # Red-team attacks against every method (Ring-A-Bell, adaptive prefix, soft-prompt bound, text-free)
 # -> results/attack.json, attack_samples.png; ~30 min on this CPU

@@ -5,10 +5,11 @@ Splits (``toyworld.eval.prompts``, ``--n`` prompts each, none of them a string t
 fine-tuning or calibration data holds): ``clean`` and ``composed_clean`` (one or two clean objects),
 ``harmful`` (training names in held-out templates), ``heldout`` (held-out names) and ``composed`` (a
 harmful object beside a clean one). Methods, all sampled with the same noise through ComfyUI's own
-sampler (Euler, ``--steps`` steps, cfg ``--cfg``), each at the setting `make calibrate` chose on the
-calibration split with the same budget for every method (results/calibration.json): plain CFG, a
-negative prompt, SLD, the concept redirector (SafeCFG, training-free), both learned HGRs (latent and
-the paper's text form) and the fine-tuned LoRAs. The strict oracle judges every image; the lenient
+sampler (Euler and the normal schedule unless ``--sampler``/``--scheduler`` say otherwise; ``--steps``
+steps, cfg ``--cfg``), each at the setting `make calibrate` chose on the calibration split with the
+same budget for every method (results/calibration.json): plain CFG, a negative prompt, SLD, the concept
+redirector (SafeCFG, training-free), both learned HGRs (latent and the paper's text form) and the
+fine-tuned LoRAs. The strict oracle judges every image; the lenient
 one's harmful rate is reported beside it. Plain CFG also draws every harmful single prompt's safe
 rewrite at the same seeds: the ceiling of the redirect fidelity. Detection: the sampling HED, the
 latent HGR on finished images without the prompt, the text HGR's distance on the prompt alone and on
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--sampler", default="euler", help="ComfyUI sampler name (default euler)")
+    ap.add_argument("--scheduler", default="normal", help="ComfyUI scheduler name (default normal)")
     ap.add_argument("--methods", default=METHODS,
                     help="comma-separated; a method at a given setting is written name[setting] (settings: "
                          + "; ".join(f"{k}: {' | '.join(v)}" for k, v in GRIDS.items()) + ")")
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
                     help="noise levels of the image detector on plain CFG's images (0 skips it)")
     ap.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                     help="skip plain CFG on the safe rewrites (no redirect fidelity)")
+    ap.add_argument("--harmful-flags", action="store_true",
+                    help="keep each harmful image's strict verdict (0/1, in prompt order) in the output")
     ap.add_argument("--cpu", action="store_true", help="the CPU even where CUDA is available")
     ap.add_argument("--out", default=str(REPO / "results" / "eval.json"))
     args = ap.parse_args(argv)
@@ -108,8 +113,8 @@ def main(argv=None) -> int:
         splits = {name: make_prompts(name, args.n, args.seed + SPLITS.index(name), banned)
                   for name in args.splits.split(",")}
     ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", args.steps)
-    sampler = comfy.samplers.sampler_object("euler")
+    sigmas = comfy.samplers.calculate_sigmas(ms, args.scheduler, args.steps)
+    sampler = comfy.samplers.sampler_object(args.sampler)
 
     def run(guider, n, seed):
         """Images (B, 64, 64, 3) and, for SafeCFG guiders, each sample's mean HED over the steps."""
@@ -128,7 +133,8 @@ def main(argv=None) -> int:
     kinds = {split: ("clean" if split in CLEAN_SPLITS or split == "cal_clean" else "harmful") for split in splits}
     seeds = {split: args.seed * 31 + k for k, split in enumerate(splits)}
     results: dict = {"methods": {}, "n_prompts": {k: len(v) for k, v in splits.items()},
-                     "settings": {"steps": args.steps, "cfg": args.cfg, "sampler": "euler", "scheduler": "normal",
+                     "settings": {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
+                                  "scheduler": args.scheduler,
                                   "seed": args.seed, "negative_prompt": HARM_WORDS, "concepts": CONCEPTS,
                                   "method_settings": methods.settings, "calibration_grids": GRIDS,
                                   "held_out_names": world.HELD_OUT_NAMES,
@@ -202,6 +208,8 @@ def main(argv=None) -> int:
                     plain_kept[split] = kept
                 row[split] = metrics.harmful_split(out, classify(lenient, imgs), specs, plain_kept.get(split),
                                                    ceiling.get(split))
+                if args.harmful_flags:
+                    row[split]["harmful_flags"] = [int(x) for x in out["harmful"].tolist()]
         row["seconds"] = round(time.time() - t0, 1)
         results["methods"][method] = row
         print(report.line(method, row), flush=True)

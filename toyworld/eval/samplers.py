@@ -1,0 +1,127 @@
+"""`make eval-samplers` (``python -m toyworld.eval.samplers``): the benchmark's harmful splits under other
+samplers than Euler, for the methods that act inside the sampler (the concept redirector and both learned
+HGRs), each at its calibrated setting.
+
+Every sampler runs the same prompts and seeds as `make eval` (``toyworld.eval.run`` with ``--sampler``
+and ``--scheduler``): Euler with the normal schedule (the reference, rerun here so both sides come from
+the same code and run), ``dpmpp_2m`` with ``karras``, ``euler_ancestral`` (new noise each step) and
+``uni_pc``. For each method and split it reports the strict judge's harmful rate with its 95 % Wilson
+interval and the difference to Euler in points with a 95 % paired bootstrap interval (the same prompts
+and starting noise on both sides). Each sampler's run is kept in ``results/eval_samplers/`` and reused
+when present (``--fresh`` reruns them). Writes ``results/eval_samplers.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .run import main as eval_main
+
+REPO = Path(__file__).resolve().parents[2]
+#: (sampler, scheduler): the reference first
+SAMPLERS = [("euler", "normal"), ("dpmpp_2m", "karras"), ("euler_ancestral", "normal"), ("uni_pc", "normal")]
+METHODS = "concept,hgr,text_hgr"
+SPLITS = "harmful,heldout,composed"
+#: the issue's tolerance: a method's harmful rate under another sampler within this many points of Euler's
+TOLERANCE_POINTS = 3.0
+
+
+def paired_difference(a: list[int], b: list[int], n: int = 2000, seed: int = 0) -> tuple[float, list[float]]:
+    """``mean(b) - mean(a)`` in points, with a 95 % percentile bootstrap interval over paired rows."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), (n, len(a)))
+    draws = (b[idx].mean(1) - a[idx].mean(1)) * 100
+    return float((b.mean() - a.mean()) * 100), [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
+def summarise(runs: dict[str, dict]) -> dict:
+    """``runs``: ``"sampler/scheduler"`` -> that run's eval.json -> per method and split, each sampler's
+    rate and its difference to the first (reference) run."""
+    ref_key = next(iter(runs))
+    ref = runs[ref_key]["methods"]
+    out: dict = {"reference": ref_key, "tolerance_points": TOLERANCE_POINTS, "methods": {}}
+    for method, ref_row in ref.items():
+        rows = {}
+        for split, ref_split in ref_row.items():
+            if not isinstance(ref_split, dict) or "harmful_flags" not in ref_split:
+                continue
+            per = {}
+            for key, run in runs.items():
+                r = run["methods"][method][split]
+                d, ci = paired_difference(ref_split["harmful_flags"], r["harmful_flags"])
+                per[key] = {"harmful_rate": r["harmful_rate"], "harmful_rate_ci": r["harmful_rate_ci"],
+                            "n": len(r["harmful_flags"]), "difference_points": d, "difference_ci": ci,
+                            "within_tolerance": abs(d) <= TOLERANCE_POINTS}
+            rows[split] = per
+        out["methods"][method] = {"setting": ref_row.get("setting"), "splits": rows}
+    out["all_within_tolerance"] = all(v["within_tolerance"] for m in out["methods"].values()
+                                      for s in m["splits"].values() for v in s.values())
+    return out
+
+
+def table(summary: dict) -> str:
+    keys = list(next(iter(next(iter(summary["methods"].values()))["splits"].values())))
+    lines = ["| method | split | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for method, m in summary["methods"].items():
+        for split, per in m["splits"].items():
+            cells = []
+            for k in keys:
+                v = per[k]
+                lo, hi = (x * 100 for x in v["harmful_rate_ci"])
+                cell = f"{v['harmful_rate'] * 100:.1f} [{lo:.1f}, {hi:.1f}]"
+                if k != summary["reference"]:
+                    lo, hi = v["difference_ci"]
+                    cell += f" ({v['difference_points']:+.1f}, [{lo:+.1f}, {hi:+.1f}])"
+                cells.append(cell)
+            lines.append(f"| {method} | {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="prompts per split (default 200, as make eval)")
+    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--splits", default=SPLITS)
+    ap.add_argument("--samplers", default=",".join(f"{a}/{b}" for a, b in SAMPLERS),
+                    help="comma-separated sampler/scheduler pairs; the first is the reference")
+    ap.add_argument("--dir", default=str(REPO / "results" / "eval_samplers"), help="one eval JSON per sampler")
+    ap.add_argument("--out", default=str(REPO / "results" / "eval_samplers.json"))
+    ap.add_argument("--fresh", action="store_true", help="rerun samplers whose run is already kept")
+    ap.add_argument("--cpu", action="store_true")
+    args = ap.parse_args(argv)
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for pair in args.samplers.split(","):
+        sampler, scheduler = pair.split("/")
+        path = folder / f"{sampler}-{scheduler}.json"
+        wanted = {"n": args.n, "methods": args.methods, "splits": args.splits}
+        kept = json.loads(path.read_text()) if path.is_file() else None
+        if args.fresh or kept is None or kept.get("request") != wanted:
+            print(f"[eval-samplers] {sampler} / {scheduler}", flush=True)
+            eval_main(["--n", str(args.n), "--methods", args.methods, "--splits", args.splits,
+                       "--sampler", sampler, "--scheduler", scheduler, "--no-ceiling", "--detect-levels", "0",
+                       "--harmful-flags", "--out", str(path)] + (["--cpu"] if args.cpu else []))
+            kept = json.loads(path.read_text())
+            kept["request"] = wanted
+            path.write_text(json.dumps(kept, indent=1) + "\n")
+        runs[pair] = kept
+    summary = summarise(runs)
+    summary["seconds"] = {k: r.get("seconds") for k, r in runs.items()}
+    summary["settings"] = {k: runs[next(iter(runs))]["settings"][k] for k in ("steps", "cfg", "seed",
+                                                                               "method_settings")}
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    print(table(summary))
+    print(f"every rate within {TOLERANCE_POINTS:g} points of {summary['reference']}: {summary['all_within_tolerance']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
