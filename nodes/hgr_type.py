@@ -105,21 +105,24 @@ def model_fingerprint(model_patcher, name: str = "") -> dict | None:
         return None
 
 
-_warned: set[str] = set()
+_warned: set[tuple] = set()
 
 
 def warn_user(message: str) -> None:
-    """A warning in the log and, when a server runs, a toast in the UI (the pack's web extension);
-    each distinct message once per session."""
+    """A warning in the log and, when a server runs, a toast in the UI (the pack's web extension) for
+    the client whose prompt is running; each distinct message once per prompt."""
     logging.warning(message)
-    if message in _warned:
-        return
-    _warned.add(message)
     try:
         from server import PromptServer
 
-        if getattr(PromptServer, "instance", None) is not None:
-            PromptServer.instance.send_sync("safecfg.warning", {"message": message})
+        srv = getattr(PromptServer, "instance", None)
+        if srv is None:
+            return
+        key = (message, getattr(srv, "last_prompt_id", None))
+        if key in _warned:
+            return
+        _warned.add(key)
+        srv.send_sync("safecfg.warning", {"message": message}, getattr(srv, "client_id", None))
     except Exception:  # no server (command line, tests): the log line is the warning
         pass
 

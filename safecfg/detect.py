@@ -124,13 +124,24 @@ def _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt) -> torch
 ACTIONS = ("pass and flag", "blur", "pixelate", "black", "replace")
 
 
+def _box_along(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """The mean over ``2r + 1`` neighbours along ``dim`` (2 or 3 of a (1, C, H, W) tensor), edges
+    replicated, from running sums: the same cost at any radius."""
+    n = x.shape[dim]
+    pad = (0, 0, r, r) if dim == 2 else (r, r, 0, 0)
+    c = torch.cumsum(F.pad(x, pad, mode="replicate"), dim)
+    c = torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c], dim)
+    return (c.narrow(dim, 2 * r + 1, n) - c.narrow(dim, 0, n)) / (2 * r + 1)
+
+
 def blur(img: torch.Tensor, radius: int) -> torch.Tensor:
-    """Box blur (three passes, close to a Gaussian) of one (H, W, C) image; ``radius`` in pixels."""
+    """Box blur (three passes, close to a Gaussian) of one (H, W, C) image; ``radius`` in pixels. Each
+    pass is separable and uses running sums (float64), so a large radius on a large image costs no
+    more than a small one."""
     r = max(1, int(radius))
-    x = img.permute(2, 0, 1).unsqueeze(0).float()
+    x = img.permute(2, 0, 1).unsqueeze(0).double()
     for _ in range(3):
-        x = F.pad(x, (r, r, r, r), mode="replicate")
-        x = F.avg_pool2d(x, 2 * r + 1, stride=1)
+        x = _box_along(_box_along(x, r, 2), r, 3)
     return x[0].permute(1, 2, 0).to(img.dtype)
 
 

@@ -268,11 +268,14 @@ def _trained_for(path: Path, raw: str | None) -> dict | None:
         fp = json.loads(raw)
     except json.JSONDecodeError:
         fp = None
-    ok = (isinstance(fp, dict) and isinstance(fp.get("arch"), str) and isinstance(fp.get("probe"), list)
+    ok = (isinstance(fp, dict) and isinstance(fp.get("arch"), str) and len(fp["arch"]) <= 128
+          and isinstance(fp.get("probe"), list)
           and all(isinstance(v, (int, float)) for v in fp["probe"]) and len(fp["probe"]) <= 1024)
     if not ok:
         raise _fail(path, "the 'trained_for' metadata is not a model fingerprint", "The file is corrupt; re-train it")
-    return {"arch": fp["arch"], "probe": [float(v) for v in fp["probe"]], "name": str(fp.get("name", "")),
+    # the name goes into log lines and UI messages: printable characters only, 100 at most
+    name = "".join(ch for ch in str(fp.get("name", "")) if ch.isprintable())[:100]
+    return {"arch": fp["arch"], "probe": [float(v) for v in fp["probe"]], "name": name,
             "toy": bool(fp.get("toy", False))}
 
 

@@ -194,6 +194,24 @@ def _png(entry):
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
 
 
+def test_blur_is_the_windowed_mean_at_any_radius():
+    """The preview blur (running sums) equals three passes of the plain (2r+1)^2 windowed mean with
+    replicated edges, on a non-square image, for radii below and above the image's size."""
+    import torch.nn.functional as F
+
+    blur = detect_core.blur
+    img = torch.rand(13, 21, 3, generator=torch.Generator().manual_seed(0))
+    for r in (1, 4, 30):
+        x = img.permute(2, 0, 1).unsqueeze(0).double()
+        for _ in range(3):
+            x = F.avg_pool2d(F.pad(x, (r, r, r, r), mode="replicate"), 2 * r + 1, stride=1)
+        want = x[0].permute(1, 2, 0).float()
+        got = blur(img, r)
+        assert got.shape == img.shape and got.dtype == img.dtype
+        assert (got - want).abs().max() < 1e-6, r
+    assert (blur(img, 4) - img).abs().mean() > 0.05  # it does blur
+
+
 @pytest.mark.parametrize("node", ["detector", "filter"])
 def test_previews_of_flagged_images_are_blurred_on_the_server_and_revealable(node):
     """Every renderer, the queue and the assets panel show the preview files: flagged ones are blurred

@@ -83,6 +83,22 @@ def test_a_users_hgr_warns_on_another_checkpoint(sd15, tmp_path, caplog, pack):
     msgs = [r.getMessage() for r in caplog.records if "trained for" in r.getMessage()]
     assert msgs and "HGRSafeCFGGuider: HGR 'mine.safetensors' was trained for mine.ckpt (" in msgs[0]
     assert "the model connected is SD15 (" in msgs[0] and "HGRTrain" in msgs[0]
+    # the toast: to the client whose prompt runs, once per prompt
+    from server import PromptServer
+
+    srv = PromptServer.instance
+    old = (srv.client_id, srv.last_prompt_id)
+    try:
+        srv.client_id, srv.last_prompt_id = "client-a", "prompt-1"
+        start = len(srv.messages)
+        for prompt in ("prompt-1", "prompt-1", "prompt-2"):
+            srv.last_prompt_id = prompt
+            h.check_model(tiny_models.tiny_sd15(1), "HGRSafeCFGGuider")
+        toasts = [m for m in srv.messages[start:] if m[0] == "safecfg.warning"]
+        assert len(toasts) == 2 and all(m[2] == "client-a" for m in toasts)
+        assert toasts[0][1]["message"] == msgs[0]
+    finally:
+        srv.client_id, srv.last_prompt_id = old
 
 
 def test_trained_for_metadata_is_validated(tmp_path):
@@ -94,6 +110,11 @@ def test_trained_for_metadata_is_validated(tmp_path):
     after = hgr_file.load_hgr(path)
     assert after.trained_for["arch"] == "abc"
     assert all(torch.equal(before[k], v) for k, v in after.net.state_dict().items())
-    hgr_file.stamp_trained_for(path, {"arch": 3, "probe": "x"})
-    with pytest.raises(hgr_file.HGRFileError, match="'trained_for' metadata is not a model fingerprint"):
-        hgr_file.load_hgr(path)
+    # the model's name reaches log lines and UI messages: printable, 100 characters at most
+    hgr_file.stamp_trained_for(path, {"arch": "abc", "probe": [0.5], "name": "ckpt\x1b[31m\n" + "x" * 500})
+    name = hgr_file.load_hgr(path).trained_for["name"]
+    assert name.startswith("ckpt[31m") and len(name) == 100 and name.isprintable()
+    for bad in ({"arch": 3, "probe": "x"}, {"arch": "a" * 129, "probe": [0.5]}):
+        hgr_file.stamp_trained_for(path, bad)
+        with pytest.raises(hgr_file.HGRFileError, match="'trained_for' metadata is not a model fingerprint"):
+            hgr_file.load_hgr(path)
