@@ -26,6 +26,16 @@ LONG = ", ".join(["a (red knife:1.3) on a wooden table beside a small blue house
 WEIGHTED = "a (red knife:1.4) on a table, (blurry:0.6)"
 
 
+def reduced(clip, text):
+    """What a path that mishandled ``text`` would see: the long prompt cut to its first CLIP chunk, the
+    weighted prompt without its weights. A result equal to the reduced prompt's means the path lost
+    something."""
+    if text == LONG:
+        c = encode(clip, text)
+        return [[c[0][0][:, :77], dict(c[0][1])]]
+    return encode(clip, "a red knife on a table, blurry")
+
+
 def test_the_prompts_are_what_they_claim(sd15):
     clip = sd15.clip
     long = encode(clip, LONG)[0][0]
@@ -62,6 +72,9 @@ def test_text_hgr_on_long_and_weighted_prompts(text, sd15, text_dir):  # noqa: F
     assert torch.isfinite(on).all() and not torch.equal(on, ref)
     guided = sample_guider(safe_guider(model, pos, neg, h), model, latent())
     assert torch.isfinite(guided).all()
+    assert (guided - on).abs().max() <= 1e-4 * on.abs().max()  # guider and patch agree
+    cut = sample_guider(safe_guider(model, reduced(clip, text), neg, h), model, latent())
+    assert not torch.allclose(guided, cut, rtol=1e-4, atol=1e-4), "the whole prompt did not reach the model"
 
 
 def test_teacher_batches_prompts_of_different_lengths(sd15):
@@ -86,3 +99,6 @@ def test_detector_with_a_long_or_weighted_prompt(text, sd15):
     det = detect_nodes.run_detection(imgs, sd15.model, sd15.clip, sd15.vae, hgr, encode(sd15.clip, text), 0.0, 2,
                                      0, 8)
     assert det.scores.shape == (2,) and torch.isfinite(det.scores).all()
+    cut = detect_nodes.run_detection(imgs, sd15.model, sd15.clip, sd15.vae, hgr, reduced(sd15.clip, text), 0.0, 2,
+                                     0, 8)
+    assert not torch.allclose(det.scores, cut.scores, rtol=1e-5, atol=1e-6), "the whole prompt was not scored"
