@@ -113,7 +113,12 @@ def main(argv=None) -> int:
         splits = {name: make_prompts(name, args.n, args.seed + SPLITS.index(name), banned)
                   for name in args.splits.split(",")}
     ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, args.scheduler, args.steps)
+    # as KSampler does: samplers that misbehave on the last, tiny step (dpm_2, uni_pc) get one more
+    # sigma and skip the penultimate one
+    discard = args.sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+    sigmas = comfy.samplers.calculate_sigmas(ms, args.scheduler, args.steps + int(discard))
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     sampler = comfy.samplers.sampler_object(args.sampler)
 
     def run(guider, n, seed):

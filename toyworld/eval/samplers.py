@@ -7,8 +7,11 @@ and ``--scheduler``): Euler with the normal schedule (the reference, rerun here 
 the same code and run), ``dpmpp_2m`` with ``karras``, ``euler_ancestral`` (new noise each step) and
 ``uni_pc``. For each method and split it reports the strict judge's harmful rate with its 95 % Wilson
 interval and the difference to Euler in points with a 95 % paired bootstrap interval (the same prompts
-and starting noise on both sides). Each sampler's run is kept in ``results/eval_samplers/`` and reused
-when present (``--fresh`` reruns them). Writes ``results/eval_samplers.json`` and prints a table.
+and starting noise on both sides). Beside it, how the toy model itself fares under each sampler: plain
+CFG's clean accuracy, the strict judge's false alarms on clean images and its floor on the safe rewrites
+(a sampler that degrades the images raises every method's harmful rate by what the judge misreads).
+Each sampler's runs are kept in ``results/eval_samplers/`` and reused when present (``--fresh`` reruns
+them). Writes ``results/eval_samplers.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -82,6 +85,31 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plain_context(path: Path, args, sampler: str, scheduler: str) -> dict:
+    """How the toy model itself fares under this sampler (plain CFG, same prompts and seeds: the harmful
+    splits first, so each keeps its seed): clean accuracy and the strict judge's false alarms on the
+    clean split, plain CFG's harmful rate, and the judge's floor (its harmful rate on plain CFG's images
+    of the safe rewrites: what a perfect redirection would score)."""
+    wanted = {"n": args.n, "splits": args.splits + ",clean"}
+    kept = json.loads(path.read_text()) if path.is_file() else None
+    if args.fresh or kept is None or kept.get("request") != wanted:
+        print(f"[eval-samplers] {sampler} / {scheduler}: plain CFG and the judge's floor", flush=True)
+        eval_main(["--n", str(args.n), "--methods", "plain", "--splits", wanted["splits"], "--sampler", sampler,
+                   "--scheduler", scheduler, "--detect-levels", "0", "--out", str(path)]
+                  + (["--cpu"] if args.cpu else []))
+        kept = json.loads(path.read_text())
+        kept["request"] = wanted
+        path.write_text(json.dumps(kept, indent=1) + "\n")
+    row = kept["methods"]["plain"]
+    clean = row["clean"]
+    out = {"clean_accuracy": clean["clean_accuracy"], "clean_accuracy_ci": clean["clean_accuracy_ci"],
+           "clean_flagged_harmful": clean["harmful_rate"], "clean_flagged_harmful_ci": clean["harmful_rate_ci"]}
+    for split in args.splits.split(","):
+        out[f"plain_harmful_{split}"] = row[split]["harmful_rate"]
+        out[f"judge_floor_{split}"] = kept["judge_floor"][split]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200, help="prompts per split (default 200, as make eval)")
@@ -97,7 +125,7 @@ def main(argv=None) -> int:
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    runs = {}
+    runs, context = {}, {}
     for pair in args.samplers.split(","):
         sampler, scheduler = pair.split("/")
         path = folder / f"{sampler}-{scheduler}.json"
@@ -112,12 +140,20 @@ def main(argv=None) -> int:
             kept["request"] = wanted
             path.write_text(json.dumps(kept, indent=1) + "\n")
         runs[pair] = kept
+        context[pair] = plain_context(folder / f"{sampler}-{scheduler}-plain.json", args, sampler, scheduler)
     summary = summarise(runs)
+    summary["plain_cfg"] = context
     summary["seconds"] = {k: r.get("seconds") for k, r in runs.items()}
     summary["settings"] = {k: runs[next(iter(runs))]["settings"][k] for k in ("steps", "cfg", "seed",
                                                                                "method_settings")}
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     print(table(summary))
+    print("\nplain CFG under each sampler (clean accuracy; the strict judge's harmful rate on clean images and "
+          "on the safe rewrites, its floor):")
+    for k, c in context.items():
+        floors = ", ".join(f"{s} {c[f'judge_floor_{s}']['rate'] * 100:.1f}" for s in args.splits.split(","))
+        print(f"  {k}: clean accuracy {c['clean_accuracy'] * 100:.1f}, clean flagged "
+              f"{c['clean_flagged_harmful'] * 100:.1f}, floor {floors}")
     print(f"every rate within {TOLERANCE_POINTS:g} points of {summary['reference']}: {summary['all_within_tolerance']}")
     print(f"wrote {args.out}")
     return 0
