@@ -278,6 +278,14 @@ def _relog_startup(messages: list[str]) -> None:
         log.info("builtin comfy_extras that did not import (expected without torchaudio): %s", ", ".join(failed))
 
 
+def _progress_hook(*_args, **_kwargs) -> None:
+    """The harness's progress hook: Cancel (``interrupt_current_processing``) stops a run at its next
+    progress update, as in a server."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
 def _load_nodes() -> None:
     global _HEADLESS
     with _held_root_logging() as held:
@@ -288,6 +296,12 @@ def _load_nodes() -> None:
     server_mod = importlib.import_module("server")
     if getattr(server_mod.PromptServer, "instance", None) is None:
         server_mod.PromptServer.instance = _HEADLESS
+    import comfy.utils
+
+    if comfy.utils.PROGRESS_BAR_HOOK is None:
+        # as ComfyUI's main.py does (hijack_progress): every progress update checks for Cancel. 0.3.75
+        # also checks in every layer's weight cast; 0.3.52 checks nowhere else while sampling
+        comfy.utils.set_progress_bar_global_hook(_progress_hook)
     for required in ("SamplerCustomAdvanced", "RescaleCFG", "CFGGuider", "KSamplerSelect"):
         if required not in nodes.NODE_CLASS_MAPPINGS:
             raise ComfyRuntimeError(f"builtin node {required} missing after init_extra_nodes "
