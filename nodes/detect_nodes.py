@@ -116,12 +116,13 @@ def preview_radius(images: torch.Tensor) -> int:
     return max(6, round(max(images.shape[1], images.shape[2]) / 10))
 
 
-def preview_ui(images, det: Detection, cls) -> dict:
+def preview_ui(images, det: Detection, cls, revealable: bool = True) -> dict:
     """What the node shows in the UI. The previews are the ``images`` with every flagged one blurred
     *here, on the server*, so that every renderer, the queue and the assets panel get blurred files;
     the sharp flagged images are saved beside them (temp folder) and named only under
     ``hgr_reveal`` (one ``[filename, subfolder, type]`` or ``None`` per image), which the pack's web
-    extension shows on a click on that image's reveal button."""
+    extension shows on a click on that image's reveal button. ``revealable`` False: no sharp copy is
+    saved and nothing can be revealed (``hgr_reveal`` all ``None``)."""
     n = images.shape[0]
     flags = det.flags.bool()
     if n:
@@ -130,7 +131,7 @@ def preview_ui(images, det: Detection, cls) -> dict:
     else:
         out = {"images": []}
     reveal: list = [None] * n
-    if bool(flags.any()):
+    if revealable and bool(flags.any()):
         sharp = ui.PreviewImage(images[flags], cls=cls).as_dict()["images"]
         for i, r in zip(torch.nonzero(flags).flatten().tolist(), sharp):
             reveal[i] = [r["filename"], r["subfolder"], r["type"]]
@@ -251,8 +252,11 @@ class HGRHarmFilter(io.ComfyNode):
         out = apply_action(images, flags, action, strength=strength, replacement=replacement)
         safe, flagged = images[~flags], images[flags]
         idx = ",".join(str(i) for i in torch.nonzero(flags).flatten().tolist())
+        # the previews show what the IMAGE output holds; an action that hides flagged images offers no
+        # reveal (the action decided), 'pass and flag' does
+        shown = preview_ui(out, detection, cls, revealable=action == "pass and flag")
+        shown["hgr_action"] = [action]
         # an empty safe or flagged batch skips the nodes connected to it (core image nodes cannot take
         # a batch of 0); the batch itself is never changed
         return io.NodeOutput(out, safe if safe.shape[0] else ExecutionBlocker(None),
-                             flagged if flagged.shape[0] else ExecutionBlocker(None), idx,
-                             ui=preview_ui(out, detection, cls))
+                             flagged if flagged.shape[0] else ExecutionBlocker(None), idx, ui=shown)

@@ -89,6 +89,8 @@ def check_pixels(page, server, outputs: dict) -> int:
                 assert out["hgr_reveal"][i] is None
                 assert _detail(shown) > 0.6 * _detail(preview), f"{what}: a clean preview is shown blurred"
                 continue
+            if out["hgr_reveal"][i] is None:  # the filter with an action that hides: nothing to reveal
+                continue
             sharp = _view(server, out["hgr_reveal"][i])
             if _detail(sharp) > 2 * _detail(preview):  # the original has detail that the blur removed
                 assert _detail(shown) < 0.3 * _detail(sharp), f"{what}: shown sharp in the page"
@@ -123,7 +125,9 @@ def test_workflow_runs_in_the_front_end(path, page_and_server, tmp_path_factory)
             n, flagged = len(o["hgr_flags"]), sum(o["hgr_flags"])
             assert rep["summary"].startswith(f"{flagged}/{n} flagged"), rep
             assert rep["flags"] == o["hgr_flags"] and len(rep["scores"]) == n
-            assert rep["buttons"] == flagged, "one reveal button per flagged image"
+            revealable = sum(1 for f, r in zip(o["hgr_flags"], o["hgr_reveal"]) if f and r)
+            assert revealable == (flagged if o.get("hgr_action", ["pass and flag"])[0] == "pass and flag" else 0)
+            assert rep["buttons"] == revealable, "one reveal button per revealable flagged image"
         if any(any(o["hgr_flags"]) for o in scored.values()):
             assert check_pixels(page, server, scored) > 0, "no flagged image was checked against its original"
         else:

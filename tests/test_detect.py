@@ -229,6 +229,10 @@ def test_previews_of_flagged_images_are_blurred_on_the_server_and_revealable(nod
     previews = [_png(e) for e in ui["images"]]
     reveal = ui["hgr_reveal"]
     assert reveal[1] is None and reveal[0] is not None and reveal[2] is not None
+    if node == "filter":  # an action that hides flagged images offers nothing to reveal
+        hidden = runtime.get_node("HGRHarmFilter").execute(images=imgs, detection=det, action="blur", strength=4)
+        assert hidden.ui["hgr_reveal"] == [None, None, None] and hidden.ui["hgr_action"] == ["blur"]
+        assert len(hidden.ui["images"]) == 3 and hidden.ui["hgr_flags"] == [True, False, True]
     for i in range(3):
         err = float((previews[i] - shown[i]).abs().max())
         if i == 1:
