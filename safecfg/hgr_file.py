@@ -80,6 +80,12 @@ def _write(path: Path, hgr, meta: dict, detection: dict | None, trained_for: dic
         meta["detection"] = json.dumps(detection, sort_keys=True, default=str)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hgr.net.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_atomic(path, sd, meta)
+
+
+def _write_atomic(path: Path, sd: dict, meta: dict) -> Path:
+    """Write a safetensors file through a temporary file beside it and a rename, so that a crash or a
+    full disk never leaves a half-written file under ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
@@ -288,15 +294,7 @@ def stamp_trained_for(path: str | os.PathLike, trained_for: dict) -> Path:
         meta = dict(f.metadata() or {})
         sd = {k: f.get_tensor(k) for k in f.keys()}
     meta["trained_for"] = json.dumps(trained_for, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _write_atomic(path, sd, meta)
 
 
 def _categories(meta: dict) -> list[str]:

@@ -44,6 +44,22 @@ def ksample(model, pos, neg, cfg=5.0, lat=None, seed=0, steps=STEPS):
     return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", pos, neg, lat or latent())[0]["samples"]
 
 
+def pushing_concepts_with_state_spy(clip):
+    """A concept redirector with push memory (per-run state) whose every redirect call appends the
+    state dict it was given to the returned list."""
+    (red,) = node_out("HGRConceptRedirector", clip=clip, concepts="a knife\na sharp blade", threshold=-1.0,
+                      push=1.0, mode="global", push_threshold=0.3, push_memory=0.9)
+    states = []
+    inner = red.redirector.redirect
+
+    def spy(g, sigma, **kw):
+        states.append(kw.get("state"))
+        return inner(g, sigma, **kw)
+
+    red.redirector.redirect = spy
+    return red, states
+
+
 def core_guider(model, pos, neg, cfg):
     (g,) = node_out("CFGGuider", model=model, positive=pos, negative=neg, cfg=cfg)
     return g
@@ -371,16 +387,7 @@ def test_push_memory_is_per_run(sd15, make):
     encs = [encode(clip, t) for t in texts]
     pos = [[torch.cat([e[0][0] for e in encs]), {"pooled_output": torch.cat([e[0][1]["pooled_output"] for e in encs])}]]
     neg = encode(clip, "")
-    (red,) = node_out("HGRConceptRedirector", clip=clip, concepts="a knife\na sharp blade", threshold=-1.0,
-                      push=1.0, mode="global", push_threshold=0.3, push_memory=0.9)
-    states = []
-    inner = red.redirector.redirect
-
-    def spy(g, sigma, **kw):
-        states.append(kw.get("state"))
-        return inner(g, sigma, **kw)
-
-    red.redirector.redirect = spy
+    red, states = pushing_concepts_with_state_spy(clip)
     if make == "guider":
         g = safe_guider(model, pos, neg, red)
         first, again = sample_guider(g, model, latent(batch=2)), sample_guider(g, model, latent(batch=2))

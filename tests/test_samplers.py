@@ -10,7 +10,15 @@ import comfy.samplers
 import nodes
 import pytest
 import torch
-from test_guidance import concept, core_guider, encode, latent, node_out, safe_guider, safe_patch
+from test_guidance import (
+    concept,
+    core_guider,
+    encode,
+    latent,
+    pushing_concepts_with_state_spy,
+    safe_guider,
+    safe_patch,
+)
 
 STEPS = 4
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_sde",
@@ -77,16 +85,7 @@ def test_per_run_state_under_two_evaluation_and_noisy_samplers(sampler, make, sd
     for the next run, and the same image from two identical runs (noise is seeded)."""
     model, clip, _ = sd15
     pos, neg = encode(clip, "a knife on a table"), encode(clip, "")
-    (red,) = node_out("HGRConceptRedirector", clip=clip, concepts="a knife\na sharp blade", threshold=-1.0,
-                      push=1.0, mode="global", push_threshold=0.3, push_memory=0.9)
-    states = []
-    inner = red.redirector.redirect
-
-    def spy(g, sigma, **kw):
-        states.append(kw.get("state"))
-        return inner(g, sigma, **kw)
-
-    red.redirector.redirect = spy
+    red, states = pushing_concepts_with_state_spy(clip)
     if make == "guider":
         g = safe_guider(model, pos, neg, red)
         first, again = (sample_guider(g, model, sampler, "karras") for _ in range(2))
