@@ -282,7 +282,7 @@ def _trained_for(path: Path, raw: str | None) -> dict | None:
     # the name goes into log lines and UI messages: printable characters only, 100 at most
     name = "".join(ch for ch in str(fp.get("name", "")) if ch.isprintable())[:100]
     return {"arch": fp["arch"], "probe": [float(v) for v in fp["probe"]], "name": name,
-            "toy": bool(fp.get("toy", False))}
+            "toy": bool(fp.get("toy", False)), "lossy": bool(fp.get("lossy", False))}
 
 
 def stamp_trained_for(path: str | os.PathLike, trained_for: dict) -> Path:

@@ -55,6 +55,19 @@ def test_fingerprint_is_the_model_not_its_dtype_or_lora(sd15):
     half = tiny_models.tiny_sd15(0)
     half.model.diffusion_model.to(torch.float16)
     assert model_id.same_model(a, hgr_type.model_fingerprint(half))
+    # the same weights stored as scaled fp8 (8-bit floats, plus the scale parameters such files add)
+    # are the same model, read more loosely; another model in fp8 is still another model
+    def as_fp8(seed):
+        m = tiny_models.tiny_sd15(seed)
+        dm = m.model.diffusion_model
+        for p in dm.parameters():
+            p.data = p.data.to(torch.float8_e4m3fn)
+        dm.out[-1].register_parameter("scale_weight", torch.nn.Parameter(torch.ones(()), requires_grad=False))
+        return hgr_type.model_fingerprint(m)
+
+    fp8 = as_fp8(0)
+    assert fp8["lossy"] and fp8["arch"] == a["arch"] and not a.get("lossy")
+    assert model_id.same_model(a, fp8) and not model_id.same_model(a, as_fp8(1))
     # a patch applied in place (as a LoRA is, when ComfyUI loads the model) does not change it
     patched = sd15.model.clone()
     key = next(k for k in patched.model_state_dict() if k.endswith(".bias") and "diffusion_model." in k)
@@ -64,6 +77,22 @@ def test_fingerprint_is_the_model_not_its_dtype_or_lora(sd15):
         assert model_id.same_model(a, hgr_type.model_fingerprint(patched))
     finally:
         patched.unpatch_model()
+
+
+def test_fp8_weights_match_their_model_within_the_lossy_tolerance():
+    """Real weights stored in fp8 (e4m3) differ from the original by about 2 % on average, at the edge
+    of the strict tolerance: their fingerprint is marked lossy and still matches; another model's does
+    not."""
+    gen = torch.Generator().manual_seed(0)
+    named = {f"block{i}.bias": torch.randn(64, generator=gen) * 0.1 for i in range(model_id.PROBE_TENSORS)}
+    other = {k: torch.randn(64, generator=gen) * 0.1 for k in named}
+    a = model_id.fingerprint(named)
+    fp8 = model_id.fingerprint({k: v.to(torch.float8_e4m3fn) for k, v in named.items()})
+    ta, tb = torch.tensor(a["probe"]), torch.tensor(fp8["probe"])
+    rel = float((ta - tb).abs().mean() / ((ta.abs().mean() + tb.abs().mean()) / 2))
+    assert 0.005 < rel < model_id.PROBE_TOLERANCE_LOSSY, rel
+    assert fp8["lossy"] and model_id.same_model(a, fp8)
+    assert not model_id.same_model(fp8, model_id.fingerprint({k: v.to(torch.float8_e4m3fn) for k, v in other.items()}))
 
 
 def test_a_users_hgr_warns_on_another_checkpoint(sd15, tmp_path, caplog, pack):
