@@ -70,7 +70,7 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
     hgr.check_model(model, node)
     red = hgr.redirector
     uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    concepts = list(hgr.concept_conds)
+    concepts = list(hgr.concept_rows())
     if getattr(red, "kind", "") == "text":  # the paper's form: its distance on the scores, with the prompt
         if positive is None:
             raise ValueError(f"{node}: text HGR '{hgr.name}' reads the prompt, so it scores images only with "

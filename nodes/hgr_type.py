@@ -37,6 +37,11 @@ class HGRHandle:
     #: the fingerprint of the model a learned HGR was trained for (``safecfg.model_id``), if recorded
     trained_for: dict | None = None
 
+    def concept_rows(self) -> list:
+        """The concept conditionings a sampler or the detector evaluates beside cond and uncond: none
+        where the concept redirector's latent stage can never act (its text stage alone needs no row)."""
+        return self.concept_conds if getattr(self.redirector, "latent_stage", True) else []
+
     def check_model(self, model_patcher, node: str) -> None:
         """Fail early, naming the node, if this HGR cannot drive ``model_patcher``; warn (log and UI)
         when it was trained for another model of the same family (an error for the bundled toy HGRs)."""
@@ -105,7 +110,8 @@ def model_fingerprint(model_patcher, name: str = "") -> dict | None:
         return None
 
 
-_warned: set[tuple] = set()
+#: each warning's message -> the prompt it was last shown for (bounded by the distinct messages)
+_warned: dict[str, object] = {}
 
 
 def warn_user(message: str) -> None:
@@ -118,10 +124,10 @@ def warn_user(message: str) -> None:
         srv = getattr(PromptServer, "instance", None)
         if srv is None:
             return
-        key = (message, getattr(srv, "last_prompt_id", None))
-        if key in _warned:
+        prompt = getattr(srv, "last_prompt_id", None)
+        if message in _warned and _warned[message] == prompt:
             return
-        _warned.add(key)
+        _warned[message] = prompt
         srv.send_sync("safecfg.warning", {"message": message}, getattr(srv, "client_id", None))
     except Exception:  # no server (command line, tests): the log line is the warning
         pass

@@ -88,12 +88,6 @@ class Window:
         return self.sigma_end <= s <= self.sigma_start
 
 
-def concept_rows(handle: HGRHandle) -> list:
-    """The concept conditionings the sampler evaluates beside cond and uncond: none where the concept
-    redirector's latent stage can never act (its text stage alone needs no extra row)."""
-    return handle.concept_conds if getattr(handle.redirector, "latent_stage", True) else []
-
-
 def redirect_cond(handle: HGRHandle, strength: float, cond: torch.Tensor, uncond: torch.Tensor, sigma,
                   concept_preds=None, state: dict | None = None):
     """The conditional prediction whose CFG direction is ``R_s(g)``, and the per-sample HED.
@@ -131,7 +125,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
         elif getattr(self.handle.redirector, "rewrites", False) and not self.window.empty:
             # the concept redirector's text stage: the positive rewritten once, used inside the window
             conds[CONCEPT_POSITIVE_KEY] = text_positive(self.handle, positive, self.window.strength)
-        for i, c in enumerate(concept_rows(self.handle)):
+        for i, c in enumerate(self.handle.concept_rows()):
             conds[CONCEPT_KEY.format(i)] = node_helpers.conditioning_set_values(c, {"prompt_type": "positive"})
         self.inner_set_conds(conds)
 
@@ -151,7 +145,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
                                                     self.conds[TEXT_POSITIVE_KEY], self.cfg,
                                                     model_options=model_options, seed=seed)
         positive = self.conds.get(CONCEPT_POSITIVE_KEY, positive)
-        n_concepts = len(concept_rows(self.handle))
+        n_concepts = len(self.handle.concept_rows())
         concepts = [self.conds.get(CONCEPT_KEY.format(i)) for i in range(n_concepts)]
         out = _calc(self.inner_model, [positive, negative] + concepts, x, timestep, model_options)
         base_conds, base_out, concept_preds = [positive, negative], list(out[:2]), list(out[2:])
@@ -182,7 +176,7 @@ def patch_model(model_patcher, handle: HGRHandle, strength: float, start_percent
         return _patch_text(m, handle, window)
     key = f"safecfg_patch_{uuid.uuid4().hex[:12]}"
     m.model_options[key] = {}
-    concept_conds = [convert_cond(c) for c in concept_rows(handle)]
+    concept_conds = [convert_cond(c) for c in handle.concept_rows()]
 
     def encoded_concepts(model, x, state):
         if state.get("enc_shape") != tuple(x.shape) or state.get("enc_device") != x.device:

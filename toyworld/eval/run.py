@@ -112,13 +112,11 @@ def main(argv=None) -> int:
         banned = training_strings()
         splits = {name: make_prompts(name, args.n, args.seed + SPLITS.index(name), banned)
                   for name in args.splits.split(",")}
-    ms = model.get_model_object("model_sampling")
-    # as KSampler does: samplers that misbehave on the last, tiny step (dpm_2, uni_pc) get one more
-    # sigma and skip the penultimate one
-    discard = args.sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
-    sigmas = comfy.samplers.calculate_sigmas(ms, args.scheduler, args.steps + int(discard))
-    if discard:
-        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    ks = comfy.samplers.KSampler
+    if args.sampler not in ks.SAMPLERS or args.scheduler not in ks.SCHEDULERS:
+        raise SystemExit(f"unknown sampler or scheduler: {args.sampler} / {args.scheduler}")
+    # the sigmas exactly as KSampler makes them (dpm_2 and uni_pc get one more and skip the penultimate)
+    sigmas = ks(model, args.steps, "cpu", sampler=args.sampler, scheduler=args.scheduler).sigmas
     sampler = comfy.samplers.sampler_object(args.sampler)
 
     def run(guider, n, seed):

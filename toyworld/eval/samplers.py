@@ -2,9 +2,11 @@
 samplers than Euler, for the methods that act inside the sampler (the concept redirector and both learned
 HGRs), each at its calibrated setting.
 
-Every sampler runs the same prompts and seeds as `make eval` (``toyworld.eval.run`` with ``--sampler``
-and ``--scheduler``): Euler with the normal schedule (the reference, rerun here so both sides come from
-the same code and run), ``dpmpp_2m`` with ``karras``, ``euler_ancestral`` (new noise each step) and
+Every sampler runs the same prompts as `make eval` and the same seeds as each other
+(``toyworld.eval.run`` with ``--sampler`` and ``--scheduler``; a split's seed follows its position in
+the command, so Euler's figures differ slightly from `make eval`'s): Euler with the normal schedule (the
+reference, rerun here so both sides come from the same code and run), ``dpmpp_2m`` with ``karras``,
+``euler_ancestral`` (new noise each step) and
 ``uni_pc``. For each method and split it reports the strict judge's harmful rate with its 95 % Wilson
 interval and the difference to Euler in points with a 95 % paired bootstrap interval (the same prompts
 and starting noise on both sides). Beside it, how the toy model itself fares under each sampler: plain
@@ -85,21 +87,28 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def kept_run(path: Path, args, wanted: dict, sampler: str, scheduler: str, extra: list[str]) -> dict:
+    """The eval run ``wanted`` (n, methods, splits) under this sampler: the one kept in ``path`` when it
+    was made for the same request (and ``--fresh`` is not given), else a new one, kept there."""
+    kept = json.loads(path.read_text()) if path.is_file() else None
+    if args.fresh or kept is None or kept.get("request") != wanted:
+        print(f"[eval-samplers] {sampler} / {scheduler}: {wanted['methods']}", flush=True)
+        eval_main(["--n", str(wanted["n"]), "--methods", wanted["methods"], "--splits", wanted["splits"],
+                   "--sampler", sampler, "--scheduler", scheduler, "--out", str(path)] + extra
+                  + (["--cpu"] if args.cpu else []))
+        kept = json.loads(path.read_text())
+        kept["request"] = wanted
+        path.write_text(json.dumps(kept, indent=1) + "\n")
+    return kept
+
+
 def plain_context(path: Path, args, sampler: str, scheduler: str) -> dict:
     """How the toy model itself fares under this sampler (plain CFG, same prompts and seeds: the harmful
     splits first, so each keeps its seed): clean accuracy and the strict judge's false alarms on the
     clean split, plain CFG's harmful rate, and the judge's floor (its harmful rate on plain CFG's images
     of the safe rewrites: what a perfect redirection would score)."""
-    wanted = {"n": args.n, "splits": args.splits + ",clean"}
-    kept = json.loads(path.read_text()) if path.is_file() else None
-    if args.fresh or kept is None or kept.get("request") != wanted:
-        print(f"[eval-samplers] {sampler} / {scheduler}: plain CFG and the judge's floor", flush=True)
-        eval_main(["--n", str(args.n), "--methods", "plain", "--splits", wanted["splits"], "--sampler", sampler,
-                   "--scheduler", scheduler, "--detect-levels", "0", "--out", str(path)]
-                  + (["--cpu"] if args.cpu else []))
-        kept = json.loads(path.read_text())
-        kept["request"] = wanted
-        path.write_text(json.dumps(kept, indent=1) + "\n")
+    kept = kept_run(path, args, {"n": args.n, "methods": "plain", "splits": args.splits + ",clean"},
+                    sampler, scheduler, ["--detect-levels", "0"])
     row = kept["methods"]["plain"]
     clean = row["clean"]
     out = {"clean_accuracy": clean["clean_accuracy"], "clean_accuracy_ci": clean["clean_accuracy_ci"],
@@ -128,18 +137,9 @@ def main(argv=None) -> int:
     runs, context = {}, {}
     for pair in args.samplers.split(","):
         sampler, scheduler = pair.split("/")
-        path = folder / f"{sampler}-{scheduler}.json"
-        wanted = {"n": args.n, "methods": args.methods, "splits": args.splits}
-        kept = json.loads(path.read_text()) if path.is_file() else None
-        if args.fresh or kept is None or kept.get("request") != wanted:
-            print(f"[eval-samplers] {sampler} / {scheduler}", flush=True)
-            eval_main(["--n", str(args.n), "--methods", args.methods, "--splits", args.splits,
-                       "--sampler", sampler, "--scheduler", scheduler, "--no-ceiling", "--detect-levels", "0",
-                       "--harmful-flags", "--out", str(path)] + (["--cpu"] if args.cpu else []))
-            kept = json.loads(path.read_text())
-            kept["request"] = wanted
-            path.write_text(json.dumps(kept, indent=1) + "\n")
-        runs[pair] = kept
+        runs[pair] = kept_run(folder / f"{sampler}-{scheduler}.json", args,
+                              {"n": args.n, "methods": args.methods, "splits": args.splits}, sampler, scheduler,
+                              ["--no-ceiling", "--detect-levels", "0", "--harmful-flags"])
         context[pair] = plain_context(folder / f"{sampler}-{scheduler}-plain.json", args, sampler, scheduler)
     summary = summarise(runs)
     summary["plain_cfg"] = context
