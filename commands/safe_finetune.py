@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--states", type=int, default=5, help="states per trajectory")
     ap.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts of the (shuffled) pool")
+    ap.add_argument("--uncond-weight", type=float, default=1.0,
+                    help="weight of the empty prompt's preservation term (0: the empty prompt is not trained, as "
+                         "before this option)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state", default=None, help="resumable state folder (default: .toytrain/<out>.state for "
                                                   "--toy, else next to --out)")
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
 
             strength = float(calibrated_settings()["text_hgr" if getattr(hgr, "kind", "") == "text" else "hgr"])
     spec = FinetuneSpec(rank=args.rank, steps=args.steps, states_per_trajectory=args.states, seed=args.seed,
+                        uncond_weight=args.uncond_weight,
                         threshold=(hgr.detect_threshold or 0.5) if hgr is not None else 0.5, hgr_strength=strength)
     summary = run_finetune(mp, clip, prompts, Path(args.out), spec, redirector=hgr, harmful_labels=labels,
                            image_size=args.size, progress=progress_bars(),

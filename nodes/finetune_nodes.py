@@ -64,14 +64,15 @@ def unlabeled_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def make_train_predict(teacher: ComfyTeacher, prompts: list[str]):
-    """``predict(x, sigma, rows) -> D(x, prompts[rows])`` through ComfyUI's model call, with gradients."""
+    """``predict(x, sigma, rows) -> D(x, prompts[rows])`` through ComfyUI's model call, with gradients;
+    a row of ``-1`` is the empty prompt."""
     mp = teacher.mp
     model = mp.model
     device = mp.load_device
 
     def predict(x, sigma, rows):
         x, sigma = x.to(device), sigma.to(device)
-        cond = teacher.batch_cond([prompts[int(i)] for i in rows])
+        cond = teacher.batch_cond([prompts[int(i)] if int(i) >= 0 else "" for i in rows])
         conds = [comfy.samplers.encode_model_conds(model.extra_conds, convert_cond(cond), x, device, "positive")]
         return comfy.samplers.calc_cond_batch(model, conds, x, sigma, mp.model_options)[0]
 

@@ -6,7 +6,11 @@ from an unlabeled pool: ``g = D(x, c) - D(x, "")``, the redirector gives ``R(g)`
 the soft score ``w = sigmoid((e - threshold) / temperature)`` says how harmful the sample looks. The
 LoRA is trained so that ``D_lora(x, c) -> D(x, c) + w * (R(g) - g)``: for harmful-looking samples
 plain CFG then gives SafeCFG's ``D_u + cfg * R(g)``, for clean ones the target is the base
-prediction itself (the preservation term). The supervised baseline (``supervised_targets``) uses
+prediction itself (the preservation term). Every target above assumes the empty prompt's prediction
+``D_u`` is the base model's, but the LoRA is in the model for both branches of CFG, and a drift of the
+unconditional prediction reaches every image multiplied by ``cfg - 1``. So each state also keeps the base
+``D(x, "")`` as a target for the empty prompt (``target_u``, weight ``uncond_weight``): the second
+preservation term. The supervised baseline (``supervised_targets``) uses
 the true labels instead, with ESD's negative-guidance target for harmful prompts.
 
 With the paper's text HGR (:func:`text_targets`) the redirection is SafeCFG's own guided output:
@@ -49,6 +53,7 @@ class FinetuneSpec:
     cfg: float = 5.0
     seed: int = 0
     hgr_strength: float = 1.0    # how far the targets redirect, as the guider's strength (1 = as trained)
+    uncond_weight: float = 1.0   # weight of the empty prompt's preservation term (0: the empty prompt is not trained)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +81,7 @@ def redirector_fingerprint(redirector) -> str:
 def data_fingerprint(spec: FinetuneSpec, prompts: list[str], labels, image_size: int, redirector) -> str:
     """Identifies the teacher data: a cached copy made for other prompts, labels, size, settings or
     another redirector (a recalibrated threshold included) is rebuilt, never reused."""
-    return digest({"spec": {k: getattr(spec, k) for k in DATA_FIELDS}, "prompts": list(prompts),
+    return digest({"format": 2, "spec": {k: getattr(spec, k) for k in DATA_FIELDS}, "prompts": list(prompts),
                     "labels": None if labels is None else [bool(v) for v in labels], "image_size": image_size,
                     "redirector": redirector_fingerprint(redirector)})
 
@@ -128,8 +133,9 @@ def build_data(teacher, prompts: list[str], targets_fn: Callable, spec: Finetune
 
     ``targets_fn(d_c, d_u, sigma, rows, x) -> (target, score)``; ``rows`` are prompt indices.
     ``negatives_fn(texts)``: the unconditional branch's text embeddings for the trajectories (a text
-    HGR's; default the empty prompt's). Returns ``x, sigma, prompt (index), target, score`` (float32, CPU)."""
-    rec: dict[str, list] = {k: [] for k in ("x", "sigma", "prompt", "target", "score")}
+    HGR's; default the empty prompt's). Returns ``x, sigma, prompt (index), target, score`` and
+    ``target_u`` (the base model's ``D(x, "")``, the empty prompt's preservation target), float32, CPU."""
+    rec: dict[str, list] = {k: [] for k in ("x", "sigma", "prompt", "target", "score", "target_u")}
     units = [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
     rng = random.Random(spec.seed)
     for u, rows in enumerate(units):
@@ -148,6 +154,7 @@ def build_data(teacher, prompts: list[str], targets_fn: Callable, spec: Finetune
             rec["prompt"].append(torch.tensor(rows))
             rec["target"].append(target.float().cpu())
             rec["score"].append(score.float().cpu())
+            rec["target_u"].append(d_u.float().cpu())
         if progress is not None:
             progress(u + 1, len(units))
     return {k: torch.cat(v) for k, v in rec.items()}

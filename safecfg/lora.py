@@ -103,15 +103,20 @@ def train_lora(predict: Callable, loras: dict[str, LoRALinear], data: dict[str, 
                should_stop: Callable[[], bool] | None = None, state_path: str | os.PathLike | None = None,
                save_every: int = 100, fingerprint: str = "") -> dict:
     """Fit the LoRA parameters: ``predict(x, sigma, prompt_rows) -> D`` (with grad) towards ``target``
-    (``spec``: ``steps``, ``batch``, ``lr``, ``seed``, e.g. a :class:`safecfg.finetune.FinetuneSpec`),
-    MSE in noise space (``(D - target) / sigma``). Resumable from ``state_path`` when it was saved
-    with the same ``fingerprint`` (:func:`safecfg.finetune.lora_fingerprint`)."""
+    (``spec``: ``steps``, ``batch``, ``lr``, ``seed``, ``uncond_weight``, e.g. a
+    :class:`safecfg.finetune.FinetuneSpec`), MSE in noise space (``(D - target) / sigma``). With
+    ``uncond_weight > 0`` each step also fits half a batch of the same states with the empty prompt (row
+    ``-1``) to ``target_u``, weighted so: the unconditional branch stays the base model's. Resumable from
+    ``state_path`` when it was saved with the same ``fingerprint`` (:func:`safecfg.finetune.lora_fingerprint`)."""
     with torch.inference_mode(False), torch.enable_grad():
         return _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every, fingerprint)
 
 
 def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every,
                 fingerprint: str = "") -> dict:
+    w_u = float(getattr(spec, "uncond_weight", 0.0) or 0.0)
+    if w_u > 0 and "target_u" not in data:
+        raise ValueError("uncond_weight > 0 needs the teacher data's 'target_u' (the base model's D(x, \"\"))")
     params = [p for lora in loras.values() for p in (lora.down, lora.up)]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     step = 0
@@ -131,12 +136,20 @@ def _train_lora(predict, loras, data, spec, progress, should_stop, state_path, s
             g = torch.Generator().manual_seed(spec.seed * 7_919 + step)
             idx = torch.randint(0, n, (min(spec.batch, n),), generator=g)
             x, s, rows, t = data["x"][idx], data["sigma"][idx], data["prompt"][idx], data["target"][idx]
+            nb = x.shape[0]
+            if w_u > 0:  # the empty prompt's preservation rows: half a batch of the same states, in the same call
+                iu = idx[: max(1, nb // 2)]
+                x = torch.cat([x, data["x"][iu]])
+                s = torch.cat([s, data["sigma"][iu]])
+                rows = torch.cat([rows, torch.full((iu.shape[0],), -1, dtype=rows.dtype)])
+                t = torch.cat([t, data["target_u"][iu]])
             lr = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
             for grp in opt.param_groups:
                 grp["lr"] = lr
             d = predict(x.clone(), s, rows)
             sv = s.view(-1, *([1] * (x.ndim - 1))).to(d.device)
-            loss = (((d.float() - t.to(d.device)) / sv) ** 2).mean()
+            err = (((d.float() - t.to(d.device)) / sv) ** 2).flatten(1).mean(1)
+            loss = err[:nb].mean() + (w_u * err[nb:].mean() if w_u > 0 else 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

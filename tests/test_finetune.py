@@ -169,6 +169,49 @@ def test_finetune_with_a_text_hgr_follows_safecfg_trajectories(sd15, tmp_path):
     assert not torch.equal(sample(one, sd15.clip), sample(sd15.model, sd15.clip))
 
 
+def test_the_empty_prompt_is_kept_as_the_base_model_s(sd15, tmp_path):
+    """The teacher data keeps the base ``D(x, "")`` of every state (``target_u``); with ``uncond_weight``
+    the LoRA is also fitted to it, through the training predict's row ``-1`` (the empty prompt), so the
+    unconditional branch, which every image's CFG multiplies by ``cfg - 1``, drifts less than without it."""
+    hgr = random_hgr("SD15", seed=3)
+    teacher = fn.ComfyTeacher(sd15.model, sd15.clip, width=64, height=64)
+    drift = {}
+    for w in (0.0, 1.0):
+        spec = ft.FinetuneSpec(rank=4, steps=12, batch=6, lr=1e-2, states_per_trajectory=2, traj_steps=3, seed=2,
+                               threshold=0.0, temperature=1.0, uncond_weight=w)
+        st = tmp_path / f"st{w}"
+        fn.run_finetune(sd15.model, sd15.clip, PROMPTS, tmp_path / f"l{w}.safetensors", spec, redirector=hgr,
+                        image_size=64, state_dir=st)
+        data = load_file(str(st / "data.safetensors"))
+        (d_u,) = teacher.denoise(data["x"], data["sigma"], [[""] * data["x"].shape[0]])
+        torch.testing.assert_close(data["target_u"], d_u, atol=1e-5, rtol=1e-4)
+        sd = load_file(str(tmp_path / f"l{w}.safetensors"))
+        lora_model, _ = comfy.sd.load_lora_for_models(sd15.model, None, sd, 1.0, 0.0)
+        lt = fn.ComfyTeacher(lora_model, sd15.clip, width=64, height=64)
+        (l_u,) = lt.denoise(data["x"], data["sigma"], [[""] * data["x"].shape[0]])
+        (l_c,) = lt.denoise(data["x"], data["sigma"], [[PROMPTS[i] for i in data["prompt"].tolist()]])
+        s = data["sigma"].view(-1, 1, 1, 1)
+        (d_c,) = teacher.denoise(data["x"], data["sigma"], [[PROMPTS[i] for i in data["prompt"].tolist()]])
+        drift[w] = float((((l_u - d_u) / s) ** 2).mean())
+        # either way it learned its conditional targets
+        assert float((((l_c - data["target"]) / s) ** 2).mean()) < float((((d_c - data["target"]) / s) ** 2).mean())
+    assert drift[0.0] > 0 and drift[1.0] < 0.5 * drift[0.0], drift
+    # the training predict reads row -1 as the empty prompt
+    predict = fn.make_train_predict(teacher, PROMPTS)
+    with torch.no_grad():
+        sd15.model.pre_run()
+        try:
+            got = predict(data["x"][:2], data["sigma"][:2], torch.tensor([-1, -1]))
+        finally:
+            sd15.model.cleanup()
+    torch.testing.assert_close(got.float().cpu(), data["target_u"][:2], atol=1e-5, rtol=1e-4)
+    # data without target_u (made before the term existed) cannot train it
+    from safecfg_pack.safecfg.lora import train_lora
+
+    with pytest.raises(ValueError, match="target_u"):
+        train_lora(predict, {}, {k: v for k, v in data.items() if k != "target_u"}, spec)
+
+
 def test_unlabeled_pool_reads_no_labels(tmp_path):
     f = tmp_path / "pairs.json"
     f.write_text(json.dumps({"pairs": [{"harmful": "a knife", "safe": "a spoon", "category": "weapon"}],
