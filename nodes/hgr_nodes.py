@@ -125,8 +125,9 @@ class HGRConceptRedirector(io.ComfyNode):
                                        "passes push_threshold. It goes against the mean of all concept directions "
                                        "(away from one concept alone can lead to another). Neutral 0.0."),
                 io.Combo.Input("mode", options=["global", "patch"], default="global",
-                               tooltip="global: one decision per image. patch: per 4x4-latent region, for harmful "
-                                       "objects in part of the image."),
+                               tooltip="global: one decision per image (per video). patch: per 4x4-latent region "
+                                       "(of each latent frame on video models), for harmful objects in part of "
+                                       "the image."),
                 io.Float.Input("push_threshold", default=0.5, min=-1.0, max=1.0, step=0.01, optional=True,
                                tooltip="Cosine above which the push applies. Removing the aligned component is "
                                        "harmless to a clean prompt that aligns a little; the push steers away, so "

@@ -121,19 +121,23 @@ class Redirector:
 def _region_sum(t: torch.Tensor, patch: int) -> torch.Tensor:
     """Sum of ``t`` over channels and over ``patch x patch`` spatial regions (0 = whole sample).
 
-    Returns ``(B, 1)`` for global mode, ``(B, 1, h, w)`` region sums for patch mode.
+    Returns ``(B, 1)`` for global mode, ``(B, 1, h, w)`` region sums for patch mode on image latents
+    ``(B, C, H, W)``, and ``(B, 1, T, h, w)`` on video latents ``(B, C, T, H, W)``: regions of each
+    frame (a latent frame), so an object in some frames is redirected there and only there.
     """
-    if patch <= 0 or t.ndim != 4:
+    if patch <= 0 or t.ndim not in (4, 5):
         return t.flatten(1).sum(dim=1, keepdim=True)
     s = t.sum(dim=1, keepdim=True)
+    if t.ndim == 5:
+        return F.avg_pool3d(s, (1, patch, patch), stride=(1, patch, patch), ceil_mode=True) * (patch * patch)
     return F.avg_pool2d(s, patch, stride=patch, ceil_mode=True) * (patch * patch)
 
 
 def _expand_regions(r: torch.Tensor, like: torch.Tensor, patch: int) -> torch.Tensor:
-    if patch <= 0 or like.ndim != 4:
+    if patch <= 0 or like.ndim not in (4, 5) or r.ndim != like.ndim:
         return r.view(r.shape[0], *([1] * (like.ndim - 1)))
-    r = r.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
-    return r[:, :, : like.shape[2], : like.shape[3]]
+    r = r.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
+    return r[..., : like.shape[-2], : like.shape[-1]]
 
 
 def _ramp(cos: torch.Tensor, start: float, ramp: float) -> torch.Tensor:

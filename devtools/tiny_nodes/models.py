@@ -124,7 +124,9 @@ def seed_module_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch
             if p is None or p.ndim == 0:
                 continue  # scalars ComfyUI initialises itself (logit_scale, vae_scale, ...)
             if isinstance(mod, _NORM_TYPES) or "norm" in type(mod).__name__.lower():
-                _fill_(p, torch.ones_like(p, device="cpu") if pname == "weight" else torch.zeros_like(p, device="cpu"))
+                # gains are "weight" or, in Flux/Chroma/HiDream's RMSNorm, "scale"
+                gain_param = pname in ("weight", "scale")
+                _fill_(p, torch.ones_like(p, device="cpu") if gain_param else torch.zeros_like(p, device="cpu"))
             elif isinstance(mod, torch.nn.Embedding) or pname.endswith("embedding"):
                 _fill_(p, torch.randn(p.shape, generator=gen) * 0.02)
             elif pname == "bias" or p.ndim == 1:
@@ -263,6 +265,93 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
     bias = last[: -len("weight")] + "bias"
     sd[bias] = torch.full_like(sd[bias], 0.5)
     return comfy.sd.VAE(sd=sd)
+
+
+# --------------------------------------------------------------------------------------------
+# flow-matching transformer families (ComfyUI's own classes, tiny configs)
+#
+# Each entry: the ``supported_models`` class, a tiny ``unet_config``, the text embedding width (the
+# real model's in brackets), whether the family has a pooled vector input (and its width), and the
+# latent shape per image. Constraints the configs meet: Flux/Chroma ``sum(axes_dim) == hidden /
+# heads``; Chroma's in/out channels are the patched ones (16 * 2 * 2) and its approximator's
+# ``in_dim`` is 64; Qwen-Image and Wan sample 5-D latents (B, 16, T, H, W; Qwen-Image with T = 1);
+# Z-Image's modulation needs ``dim`` >= 256.
+
+DIT_FAMILIES = {
+    "sd3": dict(cls="SD3", text_dim=64, pooled=32, frames=None, unet={  # real: T5 4096, pooled 2048
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+        "adm_in_channels": 32, "pos_embed_scaling_factor": None, "pos_embed_max_size": None,
+        "num_patches": None, "qk_norm": None, "x_block_self_attn_layers": [],
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}}}),
+    "flux": dict(cls="Flux", text_dim=64, pooled=32, frames=None, guidance=3.5, unet={  # real: 4096, pooled 768
+        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [4, 14, 14], "theta": 10000, "patch_size": 2, "qkv_bias": True}),
+    "chroma": dict(cls="Chroma", text_dim=64, pooled=None, frames=None, unet={  # real: T5 4096
+        "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 64,
+        "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 14, 14],
+        "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32,
+        "n_layers": 1}),
+    "qwen_image": dict(cls="QwenImage", text_dim=64, pooled=None, frames=1, unet={  # real: Qwen2.5-VL 3584
+        "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
+        "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
+        "axes_dims_rope": [8, 12, 12]}),
+    "lumina2": dict(cls="Lumina2", text_dim=32, pooled=None, frames=None, unet={  # real: Gemma2 2304
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 1,
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 4.0,
+        "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "rope_theta": 10000.0}),
+    "z_image": dict(cls="ZImage", text_dim=32, pooled=None, frames=None, unet={  # real: Qwen3-4B 2560
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32, "n_layers": 1,
+        "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "multiple_of": 32, "ffn_dim_multiplier": 8.0 / 3.0,
+        "qk_norm": True, "axes_dims": [16, 24, 24], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+        "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}),
+    "hidream": dict(cls="HiDream", text_dim=48, pooled=32, frames=None, llama=(2, 40), unet={  # real: 4096s
+        "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+        "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [48, 40],
+        "text_emb_dim": 32, "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": [8, 12, 12],
+        "max_resolution": [32, 32], "llama_layers": [0, 1]}),
+    "wan21": dict(cls="WAN21_T2V", text_dim=32, pooled=None, frames=3, unet={  # real: umt5-xxl 4096
+        "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16,
+        "dim": 64, "ffn_dim": 128, "freq_dim": 256, "text_dim": 32, "num_heads": 2, "num_layers": 1,
+        "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}),
+}
+
+
+def tiny_dit(family: str, seed: int = 0, gain: float = 1.0) -> comfy.model_patcher.ModelPatcher:
+    """A tiny, seeded model of a flow-matching transformer family (``DIT_FAMILIES``), built as ComfyUI's
+    diffusion-model loader builds it (its ``supported_models`` config, ``get_model``, a ModelPatcher),
+    fp32, without weights: every parameter is seeded (:func:`seed_module_`)."""
+    if family not in DIT_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; one of {sorted(DIT_FAMILIES)}")
+    spec = DIT_FAMILIES[family]
+    model_config = getattr(comfy.supported_models, spec["cls"])(dict(spec["unet"]))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    seed_module_(model.diffusion_model, seed, gain)
+    model.eval()
+    return _patcher(model)
+
+
+def dit_conditioning(family: str, seed: int = 0, n: int = 1, tokens: int = 8) -> list:
+    """A CONDITIONING for a ``tiny_dit`` family made from seeded tensors (no text encoder), with the
+    family's extras: ``pooled_output`` (None where the family has none), Flux's ``guidance``,
+    HiDream's ``conditioning_llama3``."""
+    spec = DIT_FAMILIES[family]
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    cond = torch.randn((n, tokens, spec["text_dim"]), generator=gen)
+    extra: dict = {"pooled_output": torch.randn((n, spec["pooled"]), generator=gen) if spec["pooled"] else None}
+    if "guidance" in spec:
+        extra["guidance"] = spec["guidance"]
+    if "llama" in spec:
+        layers, width = spec["llama"]
+        extra["conditioning_llama3"] = torch.randn((n, layers, tokens, width), generator=gen)
+    return [[cond, extra]]
+
+
+def dit_latent_shape(family: str, batch: int = 1, size: int = 16) -> tuple:
+    """The latent a ``tiny_dit`` family samples: (B, 16, H, W), or (B, 16, T, H, W) for 5-D families."""
+    frames = DIT_FAMILIES[family]["frames"]
+    return (batch, 16, size, size) if frames is None else (batch, 16, frames, size, size)
 
 
 def tiny_family(family: str, seed: int = 0):

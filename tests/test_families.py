@@ -1,0 +1,228 @@
+"""The guider, the KSampler patch and the concept redirector on the flow-matching transformer families
+ComfyUI ships (SD3, Flux, Chroma, Qwen-Image, Lumina 2, Z-Image, HiDream, Wan 2.1 video), each a tiny
+seeded model of the real ComfyUI architecture (``devtools.tiny_nodes.models.tiny_dit``), conditioned by
+seeded tensors with the family's extras (pooled vectors, Flux's guidance, HiDream's Llama layers)."""
+
+from __future__ import annotations
+
+import comfy.sample
+import comfy.sampler_helpers
+import comfy.samplers
+import nodes
+import pytest
+import torch
+
+from devtools.tiny_nodes import models as tiny
+from safecfg_pack.nodes import sampling
+from safecfg_pack.nodes.hgr_type import HGRHandle
+from safecfg_pack.safecfg.redirect import ConceptRedirector, concept_redirect
+
+FAMILIES = sorted(tiny.DIT_FAMILIES)
+STEPS = 3
+
+
+def model_for(family):
+    return tiny.tiny_dit(family, seed=0)
+
+
+def conds(family, n=1):
+    """positive, negative and a concept conditioning for ``family``."""
+    return (tiny.dit_conditioning(family, 1, n), tiny.dit_conditioning(family, 2, n),
+            tiny.dit_conditioning(family, 3, 1))
+
+
+def concept_handle(concept_cond, tau=-1.0, patch=0, num=1, safe_cond=None):
+    red = ConceptRedirector(num, tau=tau, patch=patch, targets=None if safe_cond is None else [0],
+                            num_safe=0 if safe_cond is None else 1)
+    rows = [concept_cond] * num + ([safe_cond] if safe_cond is not None else [])
+    return HGRHandle(red, name="concepts", concept_conds=rows)
+
+
+def sigmas(model):
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
+
+
+def run_guider(guider, model, shape, seed=0):
+    lat = torch.zeros(shape)
+    noise = comfy.sample.prepare_noise(lat, seed)
+    return guider.sample(noise, lat, comfy.samplers.sampler_object("euler"), sigmas(model), disable_pbar=True,
+                         seed=seed)
+
+
+def core(model, pos, neg, shape, cfg=5.0):
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(cfg)
+    return run_guider(g, model, shape)
+
+
+def safe(model, handle, pos, neg, shape, cfg=5.0, strength=1.0, start=0.0, end=1.0):
+    g = sampling.SafeCFGGuider(model, handle, strength, start, end)
+    g.set_conds(pos, neg)
+    g.set_cfg(cfg)
+    return run_guider(g, model, shape)
+
+
+def ksample(model, pos, neg, shape, cfg=5.0, seed=0):
+    return nodes.common_ksampler(model, seed, STEPS, cfg, "euler", "simple", pos, neg,
+                                 {"samples": torch.zeros(shape)})[0]["samples"]
+
+
+class Recorder:
+    """A post-CFG hook that recomputes, in a separate model call at the same x and sigma, the guidance
+    ``g`` and the concept direction ``h`` (each conditioning with its own extras), beside the direction
+    the sampler used."""
+
+    def __init__(self, *conditionings):
+        self.conds = [comfy.sampler_helpers.convert_cond(c) for c in conditionings]
+        self.steps = []
+
+    def install(self, model):
+        model.set_model_sampler_post_cfg_function(lambda args: self(args))
+        return model
+
+    def __call__(self, args):
+        model, x, sigma = args["model"], args["input"], args["sigma"]
+        enc = [comfy.samplers.encode_model_conds(model.extra_conds, c, x, x.device, "positive") for c in self.conds]
+        d = comfy.samplers.calc_cond_batch(model, enc, x, sigma, {})
+        self.steps.append(dict(g=d[0] - d[1], dirs=[o - d[1] for o in d[2:]],
+                               used=args["cond_denoised"] - args["uncond_denoised"]))
+        return args["denoised"]
+
+
+def count_rows(model):
+    calls = []
+
+    def wrapper(apply_model, a):
+        calls.append(a["input"].shape[0])
+        return apply_model(a["input"], a["timestep"], **a["c"])
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_is_the_real_architecture_and_prompt_sensitive(family):
+    m = model_for(family)
+    spec = tiny.DIT_FAMILIES[family]
+    assert type(m.model).__name__ == {"WAN21_T2V": "WAN21", "ZImage": "Lumina2"}.get(spec["cls"], spec["cls"])
+    pos, neg, _ = conds(family)
+    shape = tiny.dit_latent_shape(family)
+    a, b = core(m, pos, neg, shape), core(m, neg, neg, shape)
+    assert a.shape == shape and torch.isfinite(a).all()
+    assert not torch.allclose(a, b)  # the prompt matters
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_neutral_settings_are_bit_identical_to_core(family):
+    """Strength 0 and an empty window: the guider equals core CFGGuider and the patch equals KSampler,
+    bit for bit, with a concept row in the handle."""
+    m = model_for(family)
+    pos, neg, c = conds(family)
+    shape = tiny.dit_latent_shape(family)
+    h = concept_handle(c)
+    ref = core(m, pos, neg, shape)
+    assert torch.equal(safe(m, h, pos, neg, shape, strength=0.0), ref)
+    assert torch.equal(safe(m, h, pos, neg, shape, start=0.6, end=0.6), ref)
+    ref_k = ksample(m, pos, neg, shape)
+    assert torch.equal(ksample(sampling.patch_model(m, h, 0.0, 0.0, 1.0), pos, neg, shape), ref_k)
+    assert torch.equal(ksample(sampling.patch_model(m, h, 1.0, 0.5, 0.2), pos, neg, shape), ref_k)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("make", ["guider", "patch"])
+def test_concept_share_removed_end_to_end_with_the_family_extras(family, make):
+    """Strength s removes s of the guidance's component along the concept direction, at every step,
+    for a batch of two prompts, with the concept's row in the same batched model call; the recorder
+    evaluates every conditioning with its own extras, so extras lost or mixed in the batched call
+    would show as a mismatch."""
+    m = model_for(family)
+    pos, neg, c = conds(family, n=2)
+    shape = tiny.dit_latent_shape(family, batch=2)
+    s = 0.6
+    rec = Recorder(pos, neg, c)
+    m2 = rec.install(m.clone())
+    rows = count_rows(m2)
+    h = concept_handle(c)
+    if make == "guider":
+        out = safe(m2, h, pos, neg, shape, strength=s)
+    else:
+        out = ksample(sampling.patch_model(m2, h, s, 0.0, 1.0), pos, neg, shape)
+    assert torch.isfinite(out).all() and out.shape == shape
+    assert len(rec.steps) == STEPS
+    # one batched call per step: 2 samples x (positive, negative, concept) rows (the recorder's own
+    # call runs without the sampler's model options, so it is not counted)
+    assert rows == [6] * STEPS, rows
+    for st in rec.steps:
+        g, hdir, used = st["g"], st["dirs"][0], st["used"]
+        expected = g + s * (concept_redirect(g, [hdir], tau=-1.0) - g)
+        torch.testing.assert_close(used, expected, rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(used, g, rtol=1e-3, atol=1e-4)  # it did act
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "wan21"])
+def test_patch_mode_on_16_channel_and_video_latents(family):
+    """``patch`` mode (4x4 latent regions; per latent frame on 5-D video latents) end to end, with a
+    replacement concept (``a -> b``): the direction used is the per-region redirection of ``g``."""
+    m = model_for(family)
+    pos, neg, c = conds(family)
+    safe_c = tiny.dit_conditioning(family, 4, 1)
+    shape = tiny.dit_latent_shape(family, size=16)
+    rec = Recorder(pos, neg, c, safe_c)
+    m2 = rec.install(m.clone())
+    h = concept_handle(c, tau=0.0, patch=4, safe_cond=safe_c)
+    out = ksample(sampling.patch_model(m2, h, 1.0, 0.0, 1.0), pos, neg, shape)
+    assert torch.isfinite(out).all()
+    acted = False
+    for st in rec.steps:
+        g, (hdir, sdir), used = st["g"], st["dirs"], st["used"]
+        expected = concept_redirect(g, [hdir], tau=0.0, patch=4, replacements=[sdir])
+        torch.testing.assert_close(used, expected, rtol=1e-3, atol=1e-4)
+        glob = concept_redirect(g, [hdir], tau=0.0, patch=0, replacements=[sdir])
+        acted = acted or not torch.allclose(used, g, atol=1e-4)
+        assert not torch.allclose(expected, glob, atol=1e-4)  # regions, not one decision per image
+    assert acted
+
+
+def test_video_patch_mode_redirects_only_the_frames_where_the_concept_forms():
+    """On a 5-D latent, a concept aligned with the guidance in one frame's region is removed there and
+    nowhere else (regions are per latent frame)."""
+    torch.manual_seed(0)
+    g = torch.randn(1, 16, 3, 8, 8)
+    h = torch.randn(1, 16, 3, 8, 8)
+    h[:, :, 1, :4, :4] = g[:, :, 1, :4, :4]  # frame 1, top-left region: h == g
+    out = concept_redirect(g, [h], tau=0.9, ramp=0.05, patch=4)
+    changed = (out - g).abs().amax(dim=1)[0] > 1e-6  # (T, H, W)
+    assert changed[1, :4, :4].all()
+    changed[1, :4, :4] = False
+    assert not changed.any()
+    torch.testing.assert_close(out[:, :, 1, :4, :4], torch.zeros_like(out[:, :, 1, :4, :4]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image", "wan21"])
+@pytest.mark.parametrize("make", ["guider", "patch"])
+def test_cfg_one_on_a_distilled_model_evaluates_the_negative(family, make):
+    """At cfg 1 ComfyUI evaluates no negative. With strength > 0 SafeCFG evaluates it (one more model
+    row, plus the concept's) and redirects; at strength 0 it is core's cfg-1 sampling, bit for bit."""
+    m = model_for(family)
+    pos, neg, c = conds(family)
+    shape = tiny.dit_latent_shape(family)
+    h = concept_handle(c)
+    ref_m = m.clone()
+    ref_rows = count_rows(ref_m)
+    ref = core(ref_m, pos, neg, shape, cfg=1.0) if make == "guider" else ksample(ref_m, pos, neg, shape, cfg=1.0)
+    assert ref_rows == [1] * STEPS  # core skips the negative at cfg 1
+    m2 = m.clone()
+    rows = count_rows(m2)
+    if make == "guider":
+        same = safe(m, h, pos, neg, shape, cfg=1.0, strength=0.0)
+        red = safe(m2, h, pos, neg, shape, cfg=1.0, strength=1.0)
+    else:
+        same = ksample(sampling.patch_model(m, h, 0.0, 0.0, 1.0), pos, neg, shape, cfg=1.0)
+        red = ksample(sampling.patch_model(m2, h, 1.0, 0.0, 1.0), pos, neg, shape, cfg=1.0)
+    assert torch.equal(same, ref)
+    assert rows == [3] * STEPS, rows  # positive, negative, concept
+    assert torch.isfinite(red).all() and not torch.allclose(red, ref, atol=1e-4)
