@@ -14,6 +14,37 @@ from ..safecfg.redirect import Redirector
 HGRType = io.Custom("HGR")
 
 
+#: where each family's diffusion-model config names the width of its text conditioning
+_TEXT_WIDTH_KEYS = ("context_dim",          # SD1.x, SD2.x, SDXL
+                    "context_in_dim",       # Flux, Chroma
+                    "joint_attention_dim",  # Qwen-Image
+                    "cap_feat_dim",         # Lumina 2, Z-Image
+                    "text_dim")             # Wan
+
+
+def model_text_width(model_patcher) -> int | None:
+    """The width of the text embedding the model reads (its ``c_crossattn``), from its config; None where
+    the config does not say."""
+    cfg = getattr(getattr(model_patcher.model, "model_config", None), "unet_config", {}) or {}
+    for key in _TEXT_WIDTH_KEYS:
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    emb = cfg.get("context_embedder_config")  # SD3
+    if isinstance(emb, dict) and isinstance(emb.get("params"), dict) and emb["params"].get("in_features"):
+        return int(emb["params"]["in_features"])
+    channels = cfg.get("caption_channels")  # HiDream: [T5, Llama]; c_crossattn is the T5 part
+    if isinstance(channels, (list, tuple)) and channels:
+        return int(channels[0])
+    return None
+
+
+def model_family(model_patcher) -> str:
+    """The model's family as ComfyUI names its config (``SD15``, ``SDXL``, ``Flux``, ``WAN21_T2V``, ...):
+    what a text HGR records as the family it was trained for."""
+    cfg = getattr(model_patcher.model, "model_config", None)
+    return type(cfg).__name__ if cfg is not None else ""
+
+
 @dataclass
 class HGRHandle:
     """What travels along an ``HGR`` wire. Nodes never mutate a handle they receive.
@@ -62,13 +93,18 @@ class HGRHandle:
         lf = model_patcher.model.latent_format
         fam, ch = type(lf).__name__, int(getattr(lf, "latent_channels", 4))
         if self.text_width is not None:
-            cfg = getattr(getattr(model_patcher.model, "model_config", None), "unet_config", {}) or {}
-            width = cfg.get("context_dim")
+            width = model_text_width(model_patcher)
+            family = model_family(model_patcher)
             if width is not None and int(width) != self.text_width:
                 raise ValueError(f"{node}: text HGR '{self.name}' reads {self.text_width}-wide text embeddings "
                                  f"({self.text_family or 'its family'}) but the model's text conditioning is "
-                                 f"{width} wide ({fam}). Load an HGR trained for this model family, train one with "
-                                 "HGRTrain, or use HGRConceptRedirector, which works with any model.")
+                                 f"{width} wide ({family or fam}). Load an HGR trained for this model family, train "
+                                 "one with HGRTrain, or use HGRConceptRedirector, which works with any model.")
+            if self.text_family and family and self.text_family != family:
+                # the same width is no proof of the same encoder (Flux, SD3 and Wan all read 4096-wide T5s)
+                raise ValueError(f"{node}: text HGR '{self.name}' was trained for {self.text_family} text embeddings "
+                                 f"but the model connected is {family}. Load an HGR trained for {family}, train one "
+                                 "with HGRTrain, or use HGRConceptRedirector, which works with any model.")
             return
         if self.latent_channels is not None and self.latent_channels != ch:
             raise ValueError(f"{node}: HGR '{self.name}' works on {self.latent_channels}-channel latents but the "

@@ -226,3 +226,44 @@ def test_cfg_one_on_a_distilled_model_evaluates_the_negative(family, make):
     assert torch.equal(same, ref)
     assert rows == [3] * STEPS, rows  # positive, negative, concept
     assert torch.isfinite(red).all() and not torch.allclose(red, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_width_is_read_from_every_family_s_config(family):
+    from safecfg_pack.nodes.hgr_type import model_family, model_text_width
+
+    m = model_for(family)
+    assert model_text_width(m) == tiny.DIT_FAMILIES[family]["text_dim"]
+    assert model_family(m) == tiny.DIT_FAMILIES[family]["cls"]
+
+
+def test_learned_hgrs_for_another_family_are_refused_naming_both():
+    """A text HGR of the right width but another family (the same width is no proof of the same
+    encoder), a text HGR of another width and a 4-channel latent HGR are refused on a tiny Flux by the
+    patch node, each with a message naming what the file and the model are and the fix."""
+    from safecfg_pack.nodes import guidance_nodes, hgr_type
+    from safecfg_pack.safecfg import hgr_net
+    from safecfg_pack.safecfg.text_hgr import TextHGR, TextHGRConfig, TextHGRNet
+
+    m = model_for("flux")
+    width = tiny.DIT_FAMILIES["flux"]["text_dim"]
+
+    def text_handle(w, family):
+        cfg = TextHGRConfig(embed_dim=w, tokens=8, width=16, layers=1, heads=2)
+        return hgr_type.handle_for(TextHGR(TextHGRNet(cfg, torch.zeros(8, w)), family=family), f"{family}.safetensors")
+
+    def patch(h):
+        return guidance_nodes.HGRSafeCFGPatch.execute(model=m, hgr=h, strength=1.0, start_percent=0.0,
+                                                      end_percent=1.0)
+
+    with pytest.raises(ValueError, match=r"HGRSafeCFGPatch: text HGR 'WAN21_T2V.safetensors' was trained for "
+                                         r"WAN21_T2V text embeddings but the model connected is Flux\."):
+        patch(text_handle(width, "WAN21_T2V"))
+    with pytest.raises(ValueError, match=rf"reads {width * 2}-wide text embeddings .* is {width} wide \(Flux\)"):
+        patch(text_handle(width * 2, "Flux"))
+    latent = hgr_type.handle_for(hgr_net.LearnedHGR(hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2],
+                                                                                    embed_dim=16)),
+                                                    latent_format="SD15"), "sd15_latent.safetensors")
+    with pytest.raises(ValueError, match=r"works on 4-channel latents but the model has 16-channel latents"):
+        patch(latent)
+    assert patch(text_handle(width, "Flux")) is not None  # its own family passes the check
