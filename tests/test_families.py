@@ -267,3 +267,38 @@ def test_learned_hgrs_for_another_family_are_refused_naming_both():
     with pytest.raises(ValueError, match=r"works on 4-channel latents but the model has 16-channel latents"):
         patch(latent)
     assert patch(text_handle(width, "Flux")) is not None  # its own family passes the check
+
+
+def test_concept_node_on_flux_with_its_own_text_encoders():
+    """The concept redirector node on a tiny Flux with ComfyUI's own Flux text encoders (T5 sequence of
+    256 tokens, CLIP-L pooled vector): a replacement line adds its safe row; the text stage rewrites the
+    positive's T5 embedding and the patch samples as KSampler does on that rewritten positive (latent
+    stage off); strength 0 is KSampler bit for bit; both stages together run and act."""
+    from safecfg_pack.nodes import hgr_nodes
+
+    m, clip = model_for("flux"), tiny.tiny_flux_clip(0)
+
+    def encode(text):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    def concept(**kw):
+        (h,) = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts="weapon: knife, dagger -> spoon",
+                                                      push=0.0, mode="global", **kw).result
+        return h
+
+    pos, neg = encode("a red knife on a table"), encode("")
+    assert pos[0][0].shape == (1, 256, tiny.DIT_FAMILIES["flux"]["text_dim"])
+    shape = tiny.dit_latent_shape("flux")
+    both = concept(threshold=0.2)
+    assert len(both.concept_rows()) == 2  # the harmful line and its safe phrase
+    text_only = concept(threshold=1.0, text_match=0.0)
+    assert text_only.concept_rows() == []
+    rw = text_only.redirector.rewrite(pos[0][0], 1.0)
+    assert not torch.equal(rw, pos[0][0])
+    want = ksample(m, [[rw, dict(pos[0][1])]], neg, shape, cfg=3.5)
+    got = ksample(sampling.patch_model(m, text_only, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.5)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    ref = ksample(m, pos, neg, shape, cfg=3.5)
+    assert torch.equal(ksample(sampling.patch_model(m, both, 0.0, 0.0, 1.0), pos, neg, shape, cfg=3.5), ref)
+    out = ksample(sampling.patch_model(m, both, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.5)
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)

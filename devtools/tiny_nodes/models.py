@@ -354,6 +354,23 @@ def dit_latent_shape(family: str, batch: int = 1, size: int = 16) -> tuple:
     return (batch, 16, size, size) if frames is None else (batch, 16, frames, size, size)
 
 
+# Flux's text encoders (CLIP-L for the pooled vector, T5-XXL for the sequence) with their real
+# tokenizers, shipped with ComfyUI, and tiny configs whose widths match DIT_FAMILIES["flux"]
+TINY_FLUX_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2}
+TINY_FLUX_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+                    "projection_dim": 32}
+
+
+def tiny_flux_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """``comfy.sd.CLIP`` with ComfyUI's ``FluxTokenizer`` and ``flux_clip()`` model (T5 64 wide, 2 layers;
+    CLIP-L 32 wide): cond ``(B, 256, 64)`` and ``pooled_output`` ``(B, 32)``, as ``tiny_dit("flux")`` reads."""
+    import comfy.text_encoders.flux as flux_te
+
+    target = comfy.supported_models_base.ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip())
+    return _clip(target, {"t5xxl_model_config": dict(TINY_FLUX_T5), "clip_l_model_config": dict(TINY_FLUX_CLIP_L)},
+                 seed)
+
+
 def tiny_family(family: str, seed: int = 0):
     """(MODEL, CLIP, VAE) for ``family`` in {"sd15", "sdxl"}."""
     if family == "sd15":
