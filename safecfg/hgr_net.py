@@ -168,6 +168,18 @@ class LearnedHGR(Redirector):
         self.names = [name]
         self.detect_threshold: float | None = None  # calibrated detection threshold (file metadata)
 
+    def _frames(self, g: torch.Tensor, sigma, uncond: torch.Tensor | None) -> torch.Tensor:
+        """``delta`` on a 5-D latent ``(B, C, T, H, W)``, frame by frame: frames folded into the batch
+        (each at its sample's sigma), unfolded after."""
+        b, c, t, h, w = g.shape
+
+        def fold(x):
+            return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+        s = sigma_per_sample(sigma, b, g).flatten().repeat_interleave(t)
+        d = self.delta(fold(g), s, None if uncond is None else fold(uncond))
+        return d.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
     def delta(self, g: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         """The correction ``Delta`` in x0 space (float32), differentiable for training."""
         b = g.shape[0]
@@ -181,13 +193,16 @@ class LearnedHGR(Redirector):
         return -s * out
 
     def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None) -> Redirection:
-        if g.ndim != 4 or g.shape[1] != self.config.latent_channels:
-            raise ValueError(f"{self.name}: expects {self.config.latent_channels}-channel 4D latents, "
-                             f"got shape {tuple(g.shape)}")
+        if g.ndim not in (4, 5) or g.shape[1] != self.config.latent_channels:
+            raise ValueError(f"{self.name}: expects {self.config.latent_channels}-channel latents (B, C, H, W) or "
+                             f"video latents (B, C, T, H, W), got shape {tuple(g.shape)}")
         p = next(self.net.parameters())
         if p.device != g.device:
             self.net.to(g.device)
         with inference_grad(g, uncond):
-            g_red = (g.float() + self.delta(g, sigma, uncond)).to(g.dtype)
+            if g.ndim == 5:  # video (or Qwen-Image's one-frame) latents: each latent frame as an image
+                g_red = (g.float() + self._frames(g, sigma, uncond)).to(g.dtype)
+            else:
+                g_red = (g.float() + self.delta(g, sigma, uncond)).to(g.dtype)
         g_red = sanitize(g, g_red, self.name)
         return Redirection(g_red, hed(g, g_red))

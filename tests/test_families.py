@@ -302,3 +302,63 @@ def test_concept_node_on_flux_with_its_own_text_encoders():
     assert torch.equal(ksample(sampling.patch_model(m, both, 0.0, 0.0, 1.0), pos, neg, shape, cfg=3.5), ref)
     out = ksample(sampling.patch_model(m, both, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.5)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)
+
+
+def test_latent_hgr_trains_on_flux_and_drives_it(tmp_path):
+    """The learned latent HGR for a 16-channel family: teacher cache from a tiny Flux's own trajectories
+    (its own T5 + CLIP-L prompts), a short fit, a file that records 16 channels and the Flux latent
+    family, loaded and applied by the patch on Flux, refused on SD3 (16 channels too, another family)."""
+    from safecfg_pack.nodes import guidance_nodes, hgr_type
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg import hgr_file, hgr_net, train
+
+    data = train.PromptData(harmful=["a red knife", "a blue knife", "a skull", "a green skull"],
+                            safe=["a red spoon", "a blue spoon", "a ball", "a green ball"],
+                            categories=["weapon", "weapon", "gore", "gore"],
+                            clean=["a red cat", "a blue house", "a tree", "a green field"])
+    m, clip = model_for("flux"), tiny.tiny_flux_clip(0)
+    teacher = ComfyTeacher(m, clip, width=128, height=128)
+    assert (teacher.latent_format, teacher.latent_channels) == ("Flux", 16)
+    train.build_cache(teacher, data, tmp_path / "cache", train.CacheSpec(states_per_trajectory=2, noised_per_image=1,
+                                                                         steps=4, batch=4, seed=1))
+    cache = train.load_cache(tmp_path / "cache")
+    assert cache["g"].shape == (24, 16, 16, 16)
+    hgr, summary = train.fit(cache, hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16),
+                             train.FitSpec(steps=20, batch=8, eval_every=10, lr=3e-3),
+                             latent_format=teacher.latent_format, categories=data.category_names)
+    hgr_file.save_hgr(tmp_path / "flux_hgr.safetensors", hgr, training=summary)
+    back = hgr_file.load_hgr(tmp_path / "flux_hgr.safetensors", latent_format="Flux", latent_channels=16)
+    h = hgr_type.handle_for(back, "flux_hgr.safetensors")
+    pos, neg, _ = conds("flux")
+    shape = tiny.dit_latent_shape("flux")
+    (patched,) = guidance_nodes.HGRSafeCFGPatch.execute(model=m, hgr=h, strength=1.0, start_percent=0.0,
+                                                        end_percent=1.0).result
+    out, ref = ksample(patched, pos, neg, shape), ksample(m, pos, neg, shape)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    with pytest.raises(ValueError, match=r"trained for the Flux latent family but the model is SD3"):
+        guidance_nodes.HGRSafeCFGPatch.execute(model=model_for("sd3"), hgr=h, strength=1.0, start_percent=0.0,
+                                               end_percent=1.0)
+
+
+def test_latent_hgr_on_video_latents_acts_frame_by_frame():
+    """A 16-channel latent HGR on Wan's 5-D latents: each latent frame redirected as an image (the same
+    result as the frames sampled one by one), at that sample's sigma; end to end through the patch."""
+    from safecfg_pack.nodes import hgr_type
+    from safecfg_pack.safecfg import hgr_net
+
+    torch.manual_seed(0)
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    hgr = hgr_net.LearnedHGR(net, latent_format="Wan21")
+    g, u = torch.randn(2, 16, 3, 8, 8), torch.randn(2, 16, 3, 8, 8)
+    sigma = torch.tensor([0.7, 0.7])
+    got = hgr.redirect(g, sigma, uncond=u).g_red
+    for t in range(3):
+        one = hgr.redirect(g[:, :, t].contiguous(), sigma, uncond=u[:, :, t].contiguous()).g_red
+        torch.testing.assert_close(got[:, :, t], one, rtol=1e-5, atol=1e-6)
+    m = model_for("wan21")
+    pos, neg, _ = conds("wan21")
+    shape = tiny.dit_latent_shape("wan21")
+    h = hgr_type.handle_for(hgr, "wan_hgr.safetensors")
+    out, ref = ksample(sampling.patch_model(m, h, 1.0, 0.0, 1.0), pos, neg, shape), ksample(m, pos, neg, shape)
+    assert out.shape == shape and torch.isfinite(out).all() and not torch.equal(out, ref)
