@@ -32,6 +32,12 @@ the text stage alone against plain CFG's 80.0 %, mean pixel distance to plain CF
 harmful word itself to match before any position moves left 3 of 80 clean prompts touched but 11 of 80
 harmful ones untouched (the toy encoder's vector for a word depends on the words before it), so it
 was not kept. Computed once per prompt and run, never per step.
+
+Encoders whose outputs vary in length with the prompt (Z-Image's Qwen3, Qwen-Image's Qwen2.5-VL,
+HiDream's Llama, Lumina 2's Gemma: a chat template around the words) cannot be compared position by
+position; for them positions are matched by :func:`align` (the template's shared prefix position by
+position, its tail right-aligned), when building the anchors as when centring a prompt. Fixed-length
+encoders (CLIP's 77-token chunks, Flux's and SD3's padded T5) keep the position-by-position form.
 """
 
 from __future__ import annotations
@@ -51,6 +57,24 @@ ANCHOR_SHARE = 0.3
 MARGIN = 0.1
 
 
+def align(length: int, ref: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """For encoders whose outputs vary in length (Qwen, Llama and Gemma-based ones, with a chat template
+    around the words): the position of ``ref`` (T_ref, width) that stands for each of ``length``
+    positions of another encoding ``x``. The common prefix (where ``x`` equals ``ref``: the template
+    before the words, as a causal encoder reads it) maps position by position, the rest right-aligned
+    (the template's tail after the words), a longer middle clipped to the first position after the
+    prefix. Equal lengths and no prefix give the identity."""
+    t_ref = ref.shape[0]
+    p = 0
+    if x is not None:
+        n = min(length, t_ref)
+        same = torch.isclose(x[:n].float(), ref[:n].float(), rtol=1e-4, atol=1e-5).all(-1)
+        p = min(int(same.long().cumprod(0).sum()), t_ref - 1)
+    idx = torch.arange(length, device=ref.device)
+    shifted = (idx - (length - t_ref)).clamp(min=p, max=t_ref - 1)
+    return torch.where(idx < p, idx, shifted)
+
+
 class TextConceptStage:
     """Per-token redirection of harmful concepts in a text embedding (see the module docstring).
 
@@ -58,7 +82,7 @@ class TextConceptStage:
     prompt's embedding; ``lines`` (N,) the concept line of each anchor (for reports)."""
 
     def __init__(self, anchors: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor, lines: Sequence[int],
-                 start: float = 0.85, full: float = 0.92, names: Sequence[str] = ()):
+                 start: float = 0.85, full: float = 0.92, names: Sequence[str] = (), variable_length: bool = False):
         if anchors.ndim != 2 or anchors.shape != offsets.shape or empty.ndim != 2 or empty.shape[1] != anchors.shape[1]:
             raise ValueError(f"text concept stage: anchors {tuple(anchors.shape)}, offsets {tuple(offsets.shape)} and "
                              f"empty embedding {tuple(empty.shape)} do not fit together")
@@ -75,6 +99,9 @@ class TextConceptStage:
         self.lines = torch.as_tensor(list(lines), dtype=torch.long)
         self.start, self.full = float(start), float(full)
         self.names = list(names)
+        #: the encoder's outputs vary in length: positions are centred on the empty prompt's through
+        #: :func:`align` instead of position by position (chunk by chunk)
+        self.variable_length = bool(variable_length)
 
     @classmethod
     def build(cls, encode: Callable[[str], torch.Tensor], lines: Sequence[Sequence[str]],
@@ -87,27 +114,33 @@ class TextConceptStage:
         harmful phrase's extra tokens are taken to what follows the safe phrase (its end token), as a
         prompt of the safe phrase would read."""
         empty = encode("").float()
-        anchors, offsets, owner = [], [], []
+        pairs = []
         for k, (phrases, target) in enumerate(zip(lines, targets)):
             if target is None and not erase:
                 continue
             for phrase in phrases:
                 for ctx in CONTEXTS:
-                    e_h = encode(ctx.format(phrase)).float()
-                    if e_h.shape != empty.shape:
-                        raise ValueError(f"text concept stage: '{phrase}' encodes to {tuple(e_h.shape)}, the empty "
-                                         f"prompt to {tuple(empty.shape)}")
                     # erase: the positions the phrase changes (against the context without it) go to the
                     # empty prompt's vectors
+                    e_h = encode(ctx.format(phrase)).float()
                     e_s = encode(ctx.format(target) if target is not None else ctx.split("{}")[0].strip()).float()
-                    keep = (e_h - e_s).norm(dim=1) > ANCHOR_SHARE * e_h.norm(dim=1)
-                    target_vec = e_s if target is not None else empty
-                    anchors.append((e_h - empty)[keep])
-                    offsets.append((e_h - target_vec)[keep])
-                    owner += [k] * int(keep.sum())
-        if not anchors:
+                    pairs.append((k, e_h, e_s, target is None))
+        if not pairs:
             return None
-        return cls(torch.cat(anchors), torch.cat(offsets), empty, owner, start, full, names)
+        # a fixed-length encoder (CLIP's 77-token chunks, Flux's padded T5) compares positions as they
+        # stand; one whose outputs vary in length aligns them (:func:`align`)
+        variable = any(e.shape != empty.shape for _, e_h, e_s, _ in pairs for e in (e_h, e_s))
+        anchors, offsets, owner = [], [], []
+        for k, e_h, e_s, erased in pairs:
+            e0 = empty[align(e_h.shape[0], empty, e_h)] if variable else empty
+            if variable:
+                e_s = e_s[align(e_h.shape[0], e_s, e_h)]
+            keep = (e_h - e_s).norm(dim=1) > ANCHOR_SHARE * e_h.norm(dim=1)
+            target_vec = e0 if erased else e_s
+            anchors.append((e_h - e0)[keep])
+            offsets.append((e_h - target_vec)[keep])
+            owner += [k] * int(keep.sum())
+        return cls(torch.cat(anchors), torch.cat(offsets), empty, owner, start, full, names, variable_length=variable)
 
     def gate(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per position of ``emb`` (B, T, width): the gate in [0, 1] and the best anchor's index."""
@@ -116,7 +149,9 @@ class TextConceptStage:
                              f"got {tuple(emb.shape)}; build the concept redirector with the sampled model's CLIP")
         empty = self.empty.to(emb.device)
         t = emb.shape[1]
-        if t != empty.shape[0]:  # several 77-token chunks: the empty prompt's chunk repeated
+        if self.variable_length:  # each prompt's positions centred on the empty prompt's, aligned
+            empty = torch.stack([empty[align(t, empty, e)] for e in emb])
+        elif t != empty.shape[0]:  # several 77-token chunks: the empty prompt's chunk repeated
             reps = -(-t // empty.shape[0])
             empty = empty.repeat(reps, 1)[:t]
         x = F.normalize(emb.float() - empty, dim=-1)

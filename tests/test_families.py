@@ -362,3 +362,52 @@ def test_latent_hgr_on_video_latents_acts_frame_by_frame():
     h = hgr_type.handle_for(hgr, "wan_hgr.safetensors")
     out, ref = ksample(sampling.patch_model(m, h, 1.0, 0.0, 1.0), pos, neg, shape), ksample(m, pos, neg, shape)
     assert out.shape == shape and torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_concept_node_on_z_image_at_cfg_one_with_its_own_text_encoder():
+    """Z-Image as its distilled checkpoints are sampled (cfg 1), with ComfyUI's own Qwen3 tokenizer and
+    encoder (tiny): prompts of different token counts and their attention masks; the concept node's
+    rows are evaluated beside the negative that SafeCFG asks for; the text stage's rewritten positive
+    gives what KSampler gives on it; strength 0 is core's cfg-1 sampling bit for bit."""
+    from safecfg_pack.nodes import hgr_nodes
+
+    m, clip = model_for("z_image"), tiny.tiny_z_image_clip(0)
+
+    def encode(text):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    def concept(**kw):
+        (h,) = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts="weapon: knife, dagger -> spoon",
+                                                      push=0.0, mode="global", **kw).result
+        return h
+
+    pos, neg = encode("a red knife on a table"), encode("")
+    assert pos[0][0].shape[1] != neg[0][0].shape[1] and "attention_mask" in pos[0][1]
+    shape = tiny.dit_latent_shape("z_image")
+    ref = ksample(m, pos, neg, shape, cfg=1.0)
+    both = concept(threshold=0.2)
+    assert torch.equal(ksample(sampling.patch_model(m, both, 0.0, 0.0, 1.0), pos, neg, shape, cfg=1.0), ref)
+    m2 = m.clone()
+    rows = count_rows(m2)
+    out = ksample(sampling.patch_model(m2, both, 1.0, 0.0, 1.0), pos, neg, shape, cfg=1.0)
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)
+    assert sum(rows) == 4 * STEPS, rows  # positive, negative, harmful and safe concept rows, every step
+    text_only = concept(threshold=1.0, text_match=0.0)
+    rw = text_only.redirector.rewrite(pos[0][0], 1.0)
+    assert not torch.equal(rw, pos[0][0])
+    want = ksample(m, [[rw, dict(pos[0][1])]], neg, shape, cfg=1.0)
+    got = ksample(sampling.patch_model(m, text_only, 1.0, 0.0, 1.0), pos, neg, shape, cfg=1.0)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_align_maps_a_chat_template_s_prefix_and_tail():
+    """``align``: the shared prefix position by position, the tail right-aligned, the longer middle
+    clipped to the first position after the prefix; equal lengths without a shared prefix: identity."""
+    from safecfg_pack.safecfg.concept_text import align
+
+    torch.manual_seed(0)
+    ref = torch.randn(6, 4)  # prefix 3 tokens, then 3 tail tokens (an empty prompt in a template)
+    x = torch.cat([ref[:3], torch.randn(4, 4), torch.randn(3, 4)])  # the same prefix, 4 words, a tail of 3
+    assert align(10, ref, x).tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 4, 5]
+    assert align(6, ref, torch.randn(6, 4)).tolist() == list(range(6))
+    assert align(4, ref, torch.cat([ref[:2], torch.randn(2, 4)])).tolist() == [0, 1, 4, 5]

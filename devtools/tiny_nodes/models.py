@@ -371,6 +371,21 @@ def tiny_flux_clip(seed: int = 0) -> comfy.sd.CLIP:
                  seed)
 
 
+# Z-Image's text encoder (Qwen3-4B's architecture, ComfyUI's Qwen tokenizer files) with a tiny config:
+# 32 wide (DIT_FAMILIES["z_image"]'s cap_feat_dim), 3 layers (Z-Image reads the penultimate one)
+TINY_QWEN3 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "num_key_value_heads": 1}
+
+
+def tiny_z_image_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """``comfy.sd.CLIP`` with ComfyUI's ``ZImageTokenizer`` and ``z_image.te()`` (Qwen3, 32 wide): cond
+    ``(B, L, 32)`` with an ``attention_mask``, as ``tiny_dit("z_image")`` reads."""
+    import comfy.text_encoders.z_image as z_te
+
+    target = comfy.supported_models_base.ClipTarget(z_te.ZImageTokenizer, z_te.te())
+    return _clip(target, {"qwen3_4b_model_config": dict(TINY_QWEN3)}, seed)
+
+
 def tiny_family(family: str, seed: int = 0):
     """(MODEL, CLIP, VAE) for ``family`` in {"sd15", "sdxl"}."""
     if family == "sd15":
