@@ -129,7 +129,8 @@ def toy_safe_finetune() -> dict:
             "filename": "my_toy_safe_lora", "image_size": 64, "steps": 1500, "rank": 8, "threshold": 0.0,
             "seed": 0, "strength": 1.25}},
         "4": {"class_type": "LoraLoaderModelOnly", "inputs": {
-            "model": ["1", 0], "lora_name": "toyworld/toyworld_safe_lora.safetensors", "strength_model": 2.0}},
+            "model": ["1", 0], "lora_name": "toyworld/toyworld_safe_lora.safetensors",
+            "strength_model": float(calibrated_settings()["finetuned_lora"])}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red knife on stripes", "clip": ["1", 1]},
               "_meta": {"title": "Prompt"}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
