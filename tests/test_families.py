@@ -17,8 +17,12 @@ from safecfg_pack.nodes import sampling
 from safecfg_pack.nodes.hgr_type import HGRHandle
 from safecfg_pack.safecfg.redirect import ConceptRedirector, concept_redirect
 
-FAMILIES = sorted(tiny.DIT_FAMILIES)
+FAMILIES = tiny.dit_families()  # those the running ComfyUI has: all 8 on 0.3.75 (tested below)
 STEPS = 3
+
+
+def _has(*families):
+    return [f for f in families if f in FAMILIES]
 
 
 def model_for(family):
@@ -104,6 +108,19 @@ def count_rows(model):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_every_family_on_0_3_75():
+    """The ComfyUI that `make test` runs (0.3.75, or newer) has every family of the table: none of the
+    tests below is left out there; an older ComfyUI of the declared range lacks only Z-Image."""
+    import comfyui_version
+
+    version = tuple(int(x) for x in comfyui_version.__version__.split(".")[:3])
+    missing = sorted(set(tiny.DIT_FAMILIES) - set(FAMILIES))
+    if version >= (0, 3, 75):
+        assert missing == []
+    else:
+        assert set(missing) <= {"z_image"}, missing
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_model_is_the_real_architecture_and_prompt_sensitive(family):
     m = model_for(family)
@@ -140,7 +157,10 @@ def test_concept_share_removed_end_to_end_with_the_family_extras(family, make):
     evaluates every conditioning with its own extras, so extras lost or mixed in the batched call
     would show as a mismatch."""
     m = model_for(family)
-    pos, neg, c = conds(family, n=2)
+    # two prompts in one conditioning; Lumina 2 and Z-Image conditionings carry their token mask and one
+    # prompt each (ComfyUI 0.3.52 sums a batched mask into one token count), batched by the latent
+    masked = family in ("lumina2", "z_image")
+    pos, neg, c = conds(family, n=1 if masked else 2)
     shape = tiny.dit_latent_shape(family, batch=2)
     s = 0.6
     rec = Recorder(pos, neg, c)
@@ -153,9 +173,10 @@ def test_concept_share_removed_end_to_end_with_the_family_extras(family, make):
         out = ksample(sampling.patch_model(m2, h, s, 0.0, 1.0), pos, neg, shape)
     assert torch.isfinite(out).all() and out.shape == shape
     assert len(rec.steps) == STEPS
-    # one batched call per step: 2 samples x (positive, negative, concept) rows (the recorder's own
-    # call runs without the sampler's model options, so it is not counted)
-    assert rows == [6] * STEPS, rows
+    # 2 samples x (positive, negative, concept) rows a step, in one calc_cond_batch (which ComfyUI may
+    # split into several model calls where the conds cannot be concatenated, e.g. with token masks); the
+    # recorder's own call runs without the sampler's model options, so it is not counted
+    assert sum(rows) == 6 * STEPS, rows
     for st in rec.steps:
         g, hdir, used = st["g"], st["dirs"][0], st["used"]
         expected = g + s * (concept_redirect(g, [hdir], tau=-1.0) - g)
@@ -163,7 +184,7 @@ def test_concept_share_removed_end_to_end_with_the_family_extras(family, make):
         assert not torch.allclose(used, g, rtol=1e-3, atol=1e-4)  # it did act
 
 
-@pytest.mark.parametrize("family", ["flux", "qwen_image", "wan21"])
+@pytest.mark.parametrize("family", _has("flux", "qwen_image", "wan21"))
 def test_patch_mode_on_16_channel_and_video_latents(family):
     """``patch`` mode (4x4 latent regions; per latent frame on 5-D video latents) end to end, with a
     replacement concept (``a -> b``): the direction used is the per-region redirection of ``g``."""
@@ -202,7 +223,7 @@ def test_video_patch_mode_redirects_only_the_frames_where_the_concept_forms():
     torch.testing.assert_close(out[:, :, 1, :4, :4], torch.zeros_like(out[:, :, 1, :4, :4]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["flux", "z_image", "wan21"])
+@pytest.mark.parametrize("family", _has("flux", "z_image", "wan21"))
 @pytest.mark.parametrize("make", ["guider", "patch"])
 def test_cfg_one_on_a_distilled_model_evaluates_the_negative(family, make):
     """At cfg 1 ComfyUI evaluates no negative. With strength > 0 SafeCFG evaluates it (one more model
@@ -364,6 +385,8 @@ def test_latent_hgr_on_video_latents_acts_frame_by_frame():
     assert out.shape == shape and torch.isfinite(out).all() and not torch.equal(out, ref)
 
 
+@pytest.mark.skipif("z_image" not in FAMILIES, reason="this ComfyUI has no Z-Image (added after 0.3.52); "
+                                                    "make test's 0.3.75 has it (test_every_family_on_0_3_75)")
 def test_concept_node_on_z_image_at_cfg_one_with_its_own_text_encoder():
     """Z-Image as its distilled checkpoints are sampled (cfg 1), with ComfyUI's own Qwen3 tokenizer and
     encoder (tiny): prompts of different token counts and their attention masks; the concept node's

@@ -299,7 +299,7 @@ DIT_FAMILIES = {
     "lumina2": dict(cls="Lumina2", text_dim=32, pooled=None, frames=None, unet={  # real: Gemma2 2304
         "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 1,
         "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 4.0,
-        "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "rope_theta": 10000.0}),
+        "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512]}),  # rope theta: the default
     "z_image": dict(cls="ZImage", text_dim=32, pooled=None, frames=None, unet={  # real: Qwen3-4B 2560
         "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32, "n_layers": 1,
         "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "multiple_of": 32, "ffn_dim_multiplier": 8.0 / 3.0,
@@ -315,6 +315,11 @@ DIT_FAMILIES = {
         "dim": 64, "ffn_dim": 128, "freq_dim": 256, "text_dim": 32, "num_heads": 2, "num_layers": 1,
         "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}),
 }
+
+
+def dit_families() -> list[str]:
+    """The ``DIT_FAMILIES`` the running ComfyUI has (Z-Image, for one, came after 0.3.52)."""
+    return sorted(f for f, spec in DIT_FAMILIES.items() if hasattr(comfy.supported_models, spec["cls"]))
 
 
 def tiny_dit(family: str, seed: int = 0, gain: float = 1.0) -> comfy.model_patcher.ModelPatcher:
@@ -335,13 +340,15 @@ def tiny_dit(family: str, seed: int = 0, gain: float = 1.0) -> comfy.model_patch
 def dit_conditioning(family: str, seed: int = 0, n: int = 1, tokens: int = 8) -> list:
     """A CONDITIONING for a ``tiny_dit`` family made from seeded tensors (no text encoder), with the
     family's extras: ``pooled_output`` (None where the family has none), Flux's ``guidance``,
-    HiDream's ``conditioning_llama3``."""
+    HiDream's ``conditioning_llama3``, Lumina 2's and Z-Image's ``attention_mask``."""
     spec = DIT_FAMILIES[family]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     cond = torch.randn((n, tokens, spec["text_dim"]), generator=gen)
     extra: dict = {"pooled_output": torch.randn((n, spec["pooled"]), generator=gen) if spec["pooled"] else None}
     if "guidance" in spec:
         extra["guidance"] = spec["guidance"]
+    if spec["cls"] in ("Lumina2", "ZImage"):  # their encoders (Gemma, Qwen3) give the token mask too
+        extra["attention_mask"] = torch.ones((n, tokens), dtype=torch.long)
     if "llama" in spec:
         layers, width = spec["llama"]
         extra["conditioning_llama3"] = torch.randn((n, layers, tokens, width), generator=gen)
