@@ -72,6 +72,19 @@ def ksample(model, pos, neg, shape, cfg=5.0, seed=0):
                                  {"samples": torch.zeros(shape)})[0]["samples"]
 
 
+def encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def weapon_concept(clip, **kw):
+    """The concept redirector node with one replacement line, through ``clip``."""
+    from safecfg_pack.nodes import hgr_nodes
+
+    (h,) = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts="weapon: knife, dagger -> spoon", push=0.0,
+                                                  mode="global", **kw).result
+    return h
+
+
 class Recorder:
     """A post-CFG hook that recomputes, in a separate model call at the same x and sigma, the guidance
     ``g`` and the concept direction ``h`` (each conditioning with its own extras), beside the direction
@@ -295,24 +308,13 @@ def test_concept_node_on_flux_with_its_own_text_encoders():
     256 tokens, CLIP-L pooled vector): a replacement line adds its safe row; the text stage rewrites the
     positive's T5 embedding and the patch samples as KSampler does on that rewritten positive (latent
     stage off); strength 0 is KSampler bit for bit; both stages together run and act."""
-    from safecfg_pack.nodes import hgr_nodes
-
     m, clip = model_for("flux"), tiny.tiny_flux_clip(0)
-
-    def encode(text):
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-    def concept(**kw):
-        (h,) = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts="weapon: knife, dagger -> spoon",
-                                                      push=0.0, mode="global", **kw).result
-        return h
-
-    pos, neg = encode("a red knife on a table"), encode("")
+    pos, neg = encode(clip, "a red knife on a table"), encode(clip, "")
     assert pos[0][0].shape == (1, 256, tiny.DIT_FAMILIES["flux"]["text_dim"])
     shape = tiny.dit_latent_shape("flux")
-    both = concept(threshold=0.2)
+    both = weapon_concept(clip, threshold=0.2)
     assert len(both.concept_rows()) == 2  # the harmful line and its safe phrase
-    text_only = concept(threshold=1.0, text_match=0.0)
+    text_only = weapon_concept(clip, threshold=1.0, text_match=0.0)
     assert text_only.concept_rows() == []
     rw = text_only.redirector.rewrite(pos[0][0], 1.0)
     assert not torch.equal(rw, pos[0][0])
@@ -392,30 +394,19 @@ def test_concept_node_on_z_image_at_cfg_one_with_its_own_text_encoder():
     encoder (tiny): prompts of different token counts and their attention masks; the concept node's
     rows are evaluated beside the negative that SafeCFG asks for; the text stage's rewritten positive
     gives what KSampler gives on it; strength 0 is core's cfg-1 sampling bit for bit."""
-    from safecfg_pack.nodes import hgr_nodes
-
     m, clip = model_for("z_image"), tiny.tiny_z_image_clip(0)
-
-    def encode(text):
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-    def concept(**kw):
-        (h,) = hgr_nodes.HGRConceptRedirector.execute(clip=clip, concepts="weapon: knife, dagger -> spoon",
-                                                      push=0.0, mode="global", **kw).result
-        return h
-
-    pos, neg = encode("a red knife on a table"), encode("")
+    pos, neg = encode(clip, "a red knife on a table"), encode(clip, "")
     assert pos[0][0].shape[1] != neg[0][0].shape[1] and "attention_mask" in pos[0][1]
     shape = tiny.dit_latent_shape("z_image")
     ref = ksample(m, pos, neg, shape, cfg=1.0)
-    both = concept(threshold=0.2)
+    both = weapon_concept(clip, threshold=0.2)
     assert torch.equal(ksample(sampling.patch_model(m, both, 0.0, 0.0, 1.0), pos, neg, shape, cfg=1.0), ref)
     m2 = m.clone()
     rows = count_rows(m2)
     out = ksample(sampling.patch_model(m2, both, 1.0, 0.0, 1.0), pos, neg, shape, cfg=1.0)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)
     assert sum(rows) == 4 * STEPS, rows  # positive, negative, harmful and safe concept rows, every step
-    text_only = concept(threshold=1.0, text_match=0.0)
+    text_only = weapon_concept(clip, threshold=1.0, text_match=0.0)
     rw = text_only.redirector.rewrite(pos[0][0], 1.0)
     assert not torch.equal(rw, pos[0][0])
     want = ksample(m, [[rw, dict(pos[0][1])]], neg, shape, cfg=1.0)
