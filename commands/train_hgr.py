@@ -124,7 +124,8 @@ def _train_text(args, teacher, mp, data, out: Path, base: str, cache_dir: Path, 
                                       width=args.width or 256, base_model=base,
                                       family=type(mp.model.model_config).__name__, progress=progress,
                                       on_policy_rounds=args.on_policy_rounds, round_fit_steps=args.round_fit_steps,
-                                      init=init, notes={"data": str(args.data or "toyworld")})
+                                      init=init, notes={"data": str(args.data or "toyworld")},
+                                      layout=teacher.layout())
     if args.rewrite_steps > 0:
         hgr, r = add_rewriter(hgr, teacher.embed, data, RewriteSpec(steps=args.rewrite_steps, seed=args.seed),
                               progress=lambda s, t, loss: progress("rewriter", s, t))

@@ -38,6 +38,15 @@ def model_text_width(model_patcher) -> int | None:
     return None
 
 
+def text_layout(model_patcher) -> int:
+    """The token layout a text HGR for this model uses (``safecfg.text_hgr.TextHGRConfig.layout``): 0,
+    CLIP chunks of 77 tokens, for the UNet families whose only text encoders are CLIP (SD1.x, SD2.x,
+    SDXL: their config names a ``context_dim``); 1, the whole sequence, for every other family (T5,
+    UMT5 and LLM-based encoders, SD3's CLIP + T5 included)."""
+    cfg = getattr(getattr(model_patcher.model, "model_config", None), "unet_config", {}) or {}
+    return 0 if cfg.get("context_dim") is not None else 1
+
+
 def model_family(model_patcher) -> str:
     """The model's family as ComfyUI names its config (``SD15``, ``SDXL``, ``Flux``, ``WAN21_T2V``, ...):
     what a text HGR records as the family it was trained for."""

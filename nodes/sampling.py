@@ -33,6 +33,11 @@ CONCEPT_KEY = "safecfg_concept_{}"
 TEXT_NEGATIVE_KEY = "safecfg_text_negative"
 TEXT_POSITIVE_KEY = "safecfg_text_positive"
 CONCEPT_POSITIVE_KEY = "safecfg_concept_positive"
+#: a conditioning's token mask (Lumina 2, Z-Image, ...): a text HGR's unconditional embedding of the
+#: sequence layout has the positive's length, so it takes the positive's mask
+MASK_KEYS = ("attention_mask",)
+#: the same in the model's own conditioning (``model_conds``) of a batched call
+MODEL_MASK_KEYS = ("attention_mask", "num_tokens", "text_embedding_mask")
 
 
 def is_text(handle: HGRHandle) -> bool:
@@ -52,8 +57,15 @@ def text_negative(handle: HGRHandle, positive, negative, strength: float, rewrit
     c = positive[0][0]
     out = []
     for emb, extra in negative:
-        out.append([handle.redirector.uncond(c.to(emb.device), strength, base=emb, rewritten=rewritten),
-                    dict(extra)])
+        new = handle.redirector.uncond(c.to(emb.device), strength, base=emb, rewritten=rewritten)
+        extra = dict(extra)
+        if new.shape[1] != emb.shape[1]:  # the sequence layout: the prompt's length, so the prompt's mask
+            for k in MASK_KEYS:
+                if k in positive[0][1]:
+                    extra[k] = positive[0][1][k]
+                else:
+                    extra.pop(k, None)
+        out.append([new, extra])
     return out
 
 
@@ -237,11 +249,22 @@ def _crossattn(entry):
     return getattr(c, "cond", None)
 
 
-def _with_crossattn(entry, emb):
+def _with_crossattn(entry, emb, like=None):
+    """``entry`` with its text embedding ``emb``; where ``emb``'s length differs from the entry's own and
+    ``like`` (the positive's entry) is given, the token mask is ``like``'s."""
     import comfy.conds
 
     new = dict(entry)
-    new["model_conds"] = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(emb))
+    mc = dict(entry["model_conds"], c_crossattn=comfy.conds.CONDCrossAttn(emb))
+    old = _crossattn(entry)
+    if like is not None and old is not None and old.shape[1] != emb.shape[1]:
+        src = like.get("model_conds", {})
+        for k in MODEL_MASK_KEYS:
+            if k in src:
+                mc[k] = src[k]
+            else:
+                mc.pop(k, None)
+    new["model_conds"] = mc
     return new
 
 
@@ -292,7 +315,7 @@ def _patch_text(m, handle: HGRHandle, window: Window):
             if cache_key not in state:
                 state[cache_key] = handle.redirector.uncond(c_read, window.strength, base=n.to(c.device),
                                                             rewritten=False)
-            negs.append(_with_crossattn(entry, state[cache_key]))
+            negs.append(_with_crossattn(entry, state[cache_key], like=poss[0]))
         return executor(model, [poss, negs] + list(conds[2:]), x_in, timestep, model_options)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)

@@ -53,11 +53,14 @@ class ComfyTeacher:
         return self._conds[text]
 
     def batch_cond(self, texts: list[str]) -> list:
-        """One conditioning whose batch rows are the given prompts."""
+        """One conditioning whose batch rows are the given prompts (batched extras: pooled outputs, token
+        masks of equal length)."""
         parts = [self.cond(t)[0] for t in texts]
         extra = dict(parts[0][1])
-        if all("pooled_output" in p[1] and p[1]["pooled_output"] is not None for p in parts):
-            extra["pooled_output"] = torch.cat([p[1]["pooled_output"] for p in parts])
+        for key in ("pooled_output", "attention_mask"):
+            vals = [p[1].get(key) for p in parts]
+            if all(torch.is_tensor(v) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
+                extra[key] = torch.cat(vals)
         return [[cat_token_rows([p[0] for p in parts]), extra]]
 
     def sigma_range(self) -> tuple[float, float]:
@@ -110,7 +113,24 @@ class ComfyTeacher:
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """The prompts' text embeddings (B, T, D), constants on the CPU."""
+        if self.layout() == 1:
+            lengths = {int(self.cond(t)[0][0].shape[1]) for t in prompts}
+            if len(lengths) > 1:
+                from .hgr_type import model_family
+
+                raise ValueError(
+                    f"HGRTrain: the text encoder of this {model_family(self.mp)} model gives these prompts "
+                    f"embeddings of {len(lengths)} different lengths ({', '.join(map(str, sorted(lengths)))} "
+                    "tokens); training a text HGR on an encoder whose output length varies with the prompt "
+                    "(Qwen-Image, Z-Image, Lumina 2, HiDream) is not supported yet. Train the latent kind, or use "
+                    "the concept redirector, which works with any model.")
         return self.batch_cond(prompts)[0][0].float().cpu()
+
+    def layout(self) -> int:
+        """The text HGR's token layout for this model (``nodes.hgr_type.text_layout``)."""
+        from .hgr_type import text_layout
+
+        return text_layout(self.mp)
 
     def empty_embedding(self) -> torch.Tensor:
         """The empty prompt's embedding (T, D): an untrained text HGR returns it."""

@@ -105,7 +105,7 @@ class HGRTrain(io.ComfyNode):
                         teacher, prompts, cache_dir, out, base_model=type(model.model).__name__,
                         family=type(model.model.model_config).__name__, spec=TextStatesSpec(seed=seed),
                         fit_spec=TextFitSpec(steps=fit_steps, seed=seed), progress=progress,
-                        should_stop=should_stop, notes={"data": path.name})
+                        should_stop=should_stop, notes={"data": path.name}, layout=teacher.layout())
                 finally:
                     for module, pname, original in swapped:
                         module._parameters[pname] = original

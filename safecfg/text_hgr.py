@@ -8,9 +8,18 @@ file), ``Delta`` a pre-norm Transformer over the token sequence whose output lay
 an untrained HGR returns the empty-prompt embedding for every prompt and CFG is unchanged. It is
 computed once per prompt (never per sampling step); its cost per step is nil.
 
-A prompt longer than one chunk (``tokens``, 77 for CLIP) is processed chunk by chunk, and the empty
-embedding is repeated once per chunk, as ComfyUI itself repeats a shorter unconditional embedding
-to the length of the conditional one.
+Two token layouts (``TextHGRConfig.layout``):
+
+- ``0``, chunks (CLIP-only families: SD1.x, SD2.x, SDXL): a prompt longer than one chunk (``tokens``,
+  77) is processed chunk by chunk, and the empty embedding is repeated once per chunk, as ComfyUI itself
+  repeats a shorter unconditional embedding to the length of the conditional one.
+- ``1``, sequence (T5, UMT5 and LLM-based encoders: SD3, Flux, Chroma, Wan, Qwen-Image, Z-Image, ...):
+  the Transformer reads the whole sequence at once (positions past ``tokens``, the length of the
+  positional table, share its last row), and ``HGR(c)`` has the prompt's own length: the empty (or
+  negative) embedding is mapped onto the prompt's positions by :func:`safecfg.concept_text.align`
+  (position by position for equal lengths, as with Flux's and SD3's padded T5; the chat template's
+  shared prefix position by position and its tail right-aligned for encoders whose output length varies
+  with the prompt). The sampler gives such an unconditional branch the positive's attention mask.
 
 Plain torch; nothing here imports ComfyUI.
 """
@@ -37,9 +46,11 @@ class TextHGRConfig:
     layers: int = 2
     heads: int = 4
     rewrite: int = 0  # 1: the file also holds a rewriter of the prompt's own embedding (see TextHGRNet)
+    layout: int = 0  # 0: chunks of ``tokens`` (CLIP); 1: the whole sequence, any length (see the module doc)
+    empty_tokens: int = 0  # the sequence layout: the empty prompt's own length (0: ``tokens``)
 
-    LIMITS = {"embed_dim": (8, 8192), "tokens": (1, 1024), "width": (8, 2048), "layers": (1, 12),
-              "heads": (1, 32), "rewrite": (0, 1)}
+    LIMITS = {"embed_dim": (8, 8192), "tokens": (1, 4096), "width": (8, 2048), "layers": (1, 12),
+              "heads": (1, 32), "rewrite": (0, 1), "layout": (0, 1), "empty_tokens": (0, 4096)}
 
     def validate(self) -> TextHGRConfig:
         for name, (lo, hi) in self.LIMITS.items():
@@ -48,7 +59,15 @@ class TextHGRConfig:
                 raise ValueError(f"'{name}' must be an integer in [{lo}, {hi}], got {v!r}")
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.empty_tokens and (self.layout != 1 or self.empty_tokens > self.tokens):
+            raise ValueError(f"'empty_tokens' ({self.empty_tokens}) is for the sequence layout (1) and at most "
+                             f"'tokens' ({self.tokens})")
         return self
+
+    @property
+    def empty_length(self) -> int:
+        """The stored empty-prompt embedding's length."""
+        return self.empty_tokens or self.tokens
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -82,16 +101,34 @@ class _TokenNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+        self.layout = config.layout
+
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        return _run(self, self.tokens, cond)
+        return _run(self, self.tokens, cond, self.layout)
 
 
-def _run(m: nn.Module, tokens: int, cond: torch.Tensor) -> torch.Tensor:
-    """``m``'s ``inp, pos, encoder, norm, out`` over ``cond`` chunk by chunk of ``tokens``."""
+def _run(m: nn.Module, tokens: int, cond: torch.Tensor, layout: int = 0) -> torch.Tensor:
+    """``m``'s ``inp, pos, encoder, norm, out`` over ``cond``: chunk by chunk of ``tokens`` (layout 0),
+    or the whole sequence (layout 1; positions past the table share its last row)."""
     b, length, d = cond.shape
+    if layout == 1:
+        pos = m.pos[torch.arange(length, device=cond.device).clamp(max=m.pos.shape[0] - 1)]
+        return m.out(m.norm(m.encoder(m.inp(cond.float()) + pos)))
     chunks = cond.float().reshape(b * (length // tokens), tokens, d)
     h = m.encoder(m.inp(chunks) + m.pos)
     return m.out(m.norm(h)).reshape(b, length, d)
+
+
+def on_positions(base: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """``base`` (B or 1, T_b, D) mapped onto ``cond``'s ``T`` positions (the sequence layout): itself for
+    equal lengths, else by :func:`safecfg.concept_text.align` (the shared prefix position by position,
+    the rest right-aligned), read against the first prompt of the batch."""
+    if base.shape[1] == cond.shape[1]:
+        return base
+    from .concept_text import align
+
+    idx = align(cond.shape[1], base[0], cond[0].to(base.dtype)).to(base.device)
+    return base[:, idx]
 
 
 class TextHGRNet(nn.Module):
@@ -108,7 +145,7 @@ class TextHGRNet(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        t, d = config.tokens, config.embed_dim
+        t, d = config.empty_length, config.embed_dim
         if empty is None:
             empty = torch.zeros(t, d)
         if tuple(empty.shape) != (t, d):
@@ -123,11 +160,16 @@ class TextHGRNet(nn.Module):
 
     def delta(self, cond: torch.Tensor) -> torch.Tensor:
         """``Delta(c)``, float32, differentiable (for training)."""
-        return _run(self, self.config.tokens, cond)
+        return _run(self, self.config.tokens, cond, self.config.layout)
+
+    def empty_for(self, cond: torch.Tensor) -> torch.Tensor:
+        """The empty-prompt embedding on ``cond``'s positions, ``(1, T, D)``."""
+        if self.config.layout == 1:
+            return on_positions(self.empty[None], cond)
+        return self.empty.repeat(cond.shape[1] // self.config.tokens, 1)[None]
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        b, length, _ = cond.shape
-        return self.empty.repeat(length // self.config.tokens, 1)[None].expand(b, -1, -1) + self.delta(cond)
+        return self.empty_for(cond).expand(cond.shape[0], -1, -1) + self.delta(cond)
 
 
 def count_text_params(config: TextHGRConfig) -> int:
@@ -158,6 +200,13 @@ class TextHGR:
         """Fail, naming ``where`` and the fix, when ``cond`` is not an embedding this HGR reads."""
         who = f"{where}: " if where else ""
         t, d = self.config.tokens, self.config.embed_dim
+        if self.config.layout == 1:
+            if cond.ndim != 3 or cond.shape[-1] != d or cond.shape[1] < 1:
+                raise ValueError(f"{who}text HGR '{self.name}' reads text embeddings of width {d} (a token sequence "
+                                 f"of any length), got shape {tuple(cond.shape)}. Use an HGR trained for this "
+                                 "model's text encoder (HGRTrain trains one), or the concept redirector, which works "
+                                 "with any model.")
+            return
         if cond.ndim != 3 or cond.shape[-1] != d or cond.shape[1] % t:
             raise ValueError(f"{who}text HGR '{self.name}' reads text embeddings of width {d} in chunks of {t} "
                              f"tokens, got shape {tuple(cond.shape)}. Use an HGR trained for this model's text "
@@ -206,7 +255,8 @@ class TextHGR:
         """The unconditional embedding for ``cond``: ``base + strength * Delta(c)``. ``base`` is the
         empty-prompt embedding (default) or the user's own negative prompt's embedding: a negative
         prompt keeps working, and the HGR's correction is added to it. Token lengths are matched as
-        ComfyUI matches them (both repeated to their least common multiple); a batch of one is
+        ComfyUI matches them (both repeated to their least common multiple; the sequence layout instead
+        maps the negative onto the prompt's positions, so the result has the prompt's length); a batch of one is
         broadcast. Same dtype and device as ``cond``; a non-finite result falls back to ``base``.
 
         With a rewriter (and ``rewritten``), ``Delta`` reads the *rewritten* prompt, the one the
@@ -226,9 +276,13 @@ class TextHGR:
         if base.shape[0] not in (1, delta.shape[0]) and delta.shape[0] != 1:
             raise ValueError(f"text HGR '{self.name}': {base.shape[0]} negative embeddings for {delta.shape[0]} "
                              "prompts; give one negative, or one per prompt")
-        length = math.lcm(delta.shape[1], base.shape[1])
-        base = base.repeat(1, length // base.shape[1], 1)
-        out = base + delta.repeat(1, length // delta.shape[1], 1)
+        if self.config.layout == 1:  # the prompt's own length: the negative mapped onto its positions
+            base = on_positions(base, cond)
+            out = base + delta
+        else:
+            length = math.lcm(delta.shape[1], base.shape[1])
+            base = base.repeat(1, length // base.shape[1], 1)
+            out = base + delta.repeat(1, length // delta.shape[1], 1)
         bad = ~torch.isfinite(out).flatten(1).all(dim=1)
         if bad.any():
             out[bad] = base.expand_as(out)[bad]
@@ -240,8 +294,7 @@ class TextHGR:
         ``||HGR(c) - e_empty|| / ||c - e_empty||`` (0 for a prompt the HGR leaves alone)."""
         self.check(cond)
         self._to(cond.device)
-        length, t = cond.shape[1], self.config.tokens
-        e = self.net.empty.to(cond.device).repeat(length // t, 1)[None]
+        e = self.net.empty_for(cond.float())
         d = self.net.delta(cond.float())
         return d.flatten(1).norm(dim=1) / (cond.float() - e).flatten(1).norm(dim=1).clamp_min(1e-6)
 

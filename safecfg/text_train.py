@@ -31,6 +31,8 @@ from .prompts import PromptData
 from .text_hgr import TextHGR, TextHGRConfig, TextHGRNet
 
 log = logging.getLogger("SafeCFG")
+#: the sequence layout's positional table covers at least this many tokens (longer prompts share its last row)
+SEQUENCE_TOKENS = 256
 
 
 class TextTeacher(Protocol):
@@ -151,7 +153,10 @@ def fit_text_hgr(teacher: TextTeacher, states: dict[str, torch.Tensor], config: 
     validation loss (a split of the prompts, not of the states); stops early after ``patience``
     evaluations without improvement; ``init``: weights to start from (a previous round's). Returns the
     HGR and a summary (losses, the identity's loss: the untrained HGR's)."""
-    with torch.inference_mode(False), torch.enable_grad():
+    # some denoisers add in place to tensors that autograd saved (ComfyUI's Flux blocks: ``x += ...``
+    # after a norm read ``x``): under this context such a tensor is copied on mutation, so the
+    # gradient reaches the HGR through any of them
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.allow_mutation_on_saved_tensors():
         states = {k: v.clone() for k, v in states.items()}  # plain tensors (inputs may be inference tensors)
         return _fit(teacher, states, config, empty.clone(), spec, family, categories, init, progress, should_stop)
 
@@ -248,7 +253,7 @@ def train_text_hgr(teacher: TextTeacher, data: PromptData, cache_dir, out_path, 
                    fit_spec: TextFitSpec | None = None, width: int = 256, base_model: str = "", family: str = "",
                    on_policy_rounds: int = 0, round_fit_steps: int | None = None, init: TextHGR | None = None,
                    notes: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> tuple[TextHGR, dict]:
+                   should_stop: Callable[[], bool] | None = None, layout: int = 0) -> tuple[TextHGR, dict]:
     """Teacher states (cached in ``cache_dir/text_states.safetensors``, rebuilt when the prompts, the
     settings or the model change) -> fit -> validated ``.safetensors``. ``progress(stage, done, total)``
     with stages ``"teacher states"`` and ``"fit"``; ``notes`` join the file's training record. A cancelled
@@ -258,7 +263,8 @@ def train_text_hgr(teacher: TextTeacher, data: PromptData, cache_dir, out_path, 
     *with the HGR fitted so far*, adds those states (same targets) to the set and fits again from the
     current weights (``round_fit_steps``, default half of ``fit_spec.steps``). Each round's states are
     cached too, keyed by the weights they were sampled with. ``init``: an already fitted text HGR for
-    these prompts, which replaces the first fit (the rounds start from it)."""
+    these prompts, which replaces the first fit (the rounds start from it). ``layout``: the text
+    encoder's token layout (:class:`safecfg.text_hgr.TextHGRConfig`; 0: CLIP chunks, 1: a sequence)."""
     import os
     from pathlib import Path
 
@@ -285,11 +291,19 @@ def train_text_hgr(teacher: TextTeacher, data: PromptData, cache_dir, out_path, 
     parts = [cached("text_states.safetensors", fp, lambda cb: build_states(
         teacher, data, spec, should_stop=should_stop, progress=cb), "teacher states")]
     empty = teacher.empty_embedding()
-    config = TextHGRConfig(embed_dim=int(empty.shape[-1]), tokens=int(empty.shape[0]), width=width)
+    n_empty = int(empty.shape[0])
+    if layout == 1:  # the whole sequence: a positional table of at least SEQUENCE_TOKENS positions
+        tokens = max(n_empty, SEQUENCE_TOKENS)
+        config = TextHGRConfig(embed_dim=int(empty.shape[-1]), tokens=tokens, width=width, layout=1,
+                               empty_tokens=n_empty if n_empty != tokens else 0)
+    else:
+        config = TextHGRConfig(embed_dim=int(empty.shape[-1]), tokens=n_empty, width=width)
     if init is not None:
-        if (init.config.embed_dim, init.config.tokens) != (config.embed_dim, config.tokens):
-            raise ValueError(f"the initial text HGR reads {init.config.embed_dim}-wide embeddings in chunks of "
-                             f"{init.config.tokens}; this model's are {config.embed_dim} x {config.tokens}")
+        if (init.config.embed_dim, init.config.tokens, init.config.layout, init.config.empty_length) != (
+                config.embed_dim, config.tokens, config.layout, config.empty_length):
+            raise ValueError(f"the initial text HGR reads {init.config.embed_dim}-wide embeddings (layout "
+                             f"{init.config.layout}, {init.config.tokens} tokens); this model's are "
+                             f"{config.embed_dim} wide (layout {config.layout}, {config.tokens} tokens)")
         config, hgr = init.config, TextHGR(init.net, family=family, categories=data.category_names)
         summary = {"init": init.name, **json_safe(init.metadata.get("training"))}
     else:

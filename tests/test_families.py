@@ -425,3 +425,111 @@ def test_align_maps_a_chat_template_s_prefix_and_tail():
     assert align(10, ref, x).tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 4, 5]
     assert align(6, ref, torch.randn(6, 4)).tolist() == list(range(6))
     assert align(4, ref, torch.cat([ref[:2], torch.randn(2, 4)])).tolist() == [0, 1, 4, 5]
+
+
+def _random_text_hgr(empty, layout=1, seed=0, family="Flux"):
+    """A text HGR of the sequence layout whose output layer is not zero (so it acts)."""
+    from safecfg_pack.safecfg.text_hgr import TextHGR, TextHGRConfig, TextHGRNet
+
+    n, width = empty.shape
+    cfg = TextHGRConfig(embed_dim=width, tokens=max(n, 64), width=16, layers=1, heads=2, layout=layout,
+                        empty_tokens=n if n != max(n, 64) else 0)
+    torch.manual_seed(seed)
+    net = TextHGRNet(cfg, empty.float())
+    torch.nn.init.normal_(net.out.weight, std=0.05)
+    return TextHGR(net, family=family)
+
+
+def test_text_hgr_trains_on_flux_and_drives_it(tmp_path):
+    """The paper's HGR for a T5 family: trained on a tiny Flux with its own T5 + CLIP-L encoders (the
+    sequence layout, 256 tokens), saved with its layout, loaded, and applied by the patch and by the
+    guider exactly as core CFG with ``HGR(c)`` as the negative (the pooled vector the negative's own);
+    refused on SD3 (another family)."""
+    from safecfg_pack.nodes import guidance_nodes, hgr_type
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg import hgr_file, train
+    from safecfg_pack.safecfg.text_train import TextFitSpec, TextStatesSpec, train_text_hgr
+
+    data = train.PromptData(harmful=["a red knife", "a blue knife", "a skull", "a green skull"],
+                            safe=["a red spoon", "a blue spoon", "a ball", "a green ball"],
+                            categories=["weapon", "weapon", "gore", "gore"],
+                            clean=["a red cat", "a blue house", "a tree", "a green field"])
+    m, clip = model_for("flux"), tiny.tiny_flux_clip(0)
+    teacher = ComfyTeacher(m, clip, width=128, height=128)
+    assert teacher.layout() == 1
+    out = tmp_path / "flux_text_hgr.safetensors"
+    hgr, summary = train_text_hgr(teacher, data, tmp_path / "cache", out,
+                                  spec=TextStatesSpec(states_per_trajectory=2, steps=4, cfg=3.5, batch=4, seed=1),
+                                  fit_spec=TextFitSpec(steps=12, batch=4, eval_every=4, lr=3e-3, val_fraction=0.0),
+                                  width=32,
+                                  family="Flux", layout=teacher.layout())
+    back = hgr_file.load_hgr(out)
+    assert (back.config.layout, back.config.empty_length, back.family) == (1, 256, "Flux")
+    # on the harmful prompts' teacher states the fitted HGR is nearer its targets than the identity
+    from safetensors.torch import load_file
+
+    from safecfg_pack.safecfg.text_hgr import TextHGRNet
+    from safecfg_pack.safecfg.text_train import relative_loss
+
+    st = load_file(str(tmp_path / "cache" / "text_states.safetensors"))
+    idx = st["harmful"].nonzero().flatten()
+    emb = st["embeddings"][st["prompt"][idx]]
+
+    def loss(net):
+        with torch.no_grad():
+            pred = teacher.denoise_embedding(st["x"][idx], st["sigma"][idx], net(emb))
+        return float(relative_loss(pred, st["target"][idx], st["scale"][idx]).mean())
+
+    assert loss(back.net) < 0.9 * loss(TextHGRNet(back.config, back.net.empty))
+    pos, neg = encode(clip, "a red knife on a table"), encode(clip, "")
+    c = pos[0][0]
+    u = back.uncond(c)
+    assert u.shape == c.shape and not torch.equal(u, neg[0][0])
+    shape = tiny.dit_latent_shape("flux")
+    h = hgr_type.handle_for(back, out.name)
+    (patched,) = guidance_nodes.HGRSafeCFGPatch.execute(model=m, hgr=h, strength=1.0, start_percent=0.0,
+                                                        end_percent=1.0).result
+    want = ksample(m, pos, [[u, dict(neg[0][1])]], shape, cfg=3.5)
+    got = ksample(patched, pos, neg, shape, cfg=3.5)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert not torch.allclose(got, ksample(m, pos, neg, shape, cfg=3.5), atol=1e-4)
+    g = safe(m, h, pos, neg, shape, cfg=3.5)
+    assert (g - core(m, pos, [[u, dict(neg[0][1])]], shape, cfg=3.5)).abs().max() <= 1e-5 * g.abs().max()
+    with pytest.raises(ValueError, match=r"trained for Flux text embeddings but the model connected is SD3"):
+        guidance_nodes.HGRSafeCFGPatch.execute(model=model_for("sd3"), hgr=h, strength=1.0, start_percent=0.0,
+                                               end_percent=1.0)
+
+
+@pytest.mark.skipif("z_image" not in FAMILIES, reason="this ComfyUI has no Z-Image (added after 0.3.52); "
+                                                    "make test's 0.3.75 has it (test_every_family_on_0_3_75)")
+def test_text_hgr_on_z_image_takes_the_prompt_s_length_and_mask():
+    """The sequence layout on an encoder whose output length varies (Z-Image's Qwen3, a chat template):
+    ``HGR(c)`` has the prompt's length, the empty embedding mapped onto its positions (the template's
+    prefix kept position by position at strength 0), and the unconditional branch takes the positive's
+    attention mask; the patch samples as core CFG with that negative. Training on prompts of different
+    lengths is refused, naming the family and the alternatives."""
+    from safecfg_pack.nodes import hgr_type
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg.concept_text import align
+
+    m, clip = model_for("z_image"), tiny.tiny_z_image_clip(0)
+    pos, neg = encode(clip, "a red knife on a table"), encode(clip, "")
+    c, e = pos[0][0], neg[0][0]
+    assert c.shape[1] > e.shape[1] and "attention_mask" in pos[0][1]
+    hgr = _random_text_hgr(e[0], family="ZImage")
+    at0 = hgr.uncond(c, 0.0)
+    assert at0.shape == c.shape
+    assert torch.equal(at0[0], e[0][align(c.shape[1], e[0], c[0])].to(at0.dtype))
+    u = hgr.uncond(c)
+    assert not torch.allclose(u, at0)
+    h = hgr_type.handle_for(hgr, "z_text_hgr.safetensors")
+    shape = tiny.dit_latent_shape("z_image")
+    want = ksample(m, pos, [[u, {"attention_mask": pos[0][1]["attention_mask"]}]], shape, cfg=3.0)
+    got = ksample(sampling.patch_model(m, h, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.0)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    (neg_hgr,) = sampling.text_negative(h, pos, neg, 1.0)[:1]
+    assert torch.equal(neg_hgr[1]["attention_mask"], pos[0][1]["attention_mask"])
+    teacher = ComfyTeacher(m, clip, width=128, height=128)
+    with pytest.raises(ValueError, match=r"HGRTrain: the text encoder of this ZImage model gives these prompts "
+                                         r"embeddings of 2 different lengths .* not supported yet"):
+        teacher.embed(["a knife", "a red knife on a wooden table"])

@@ -140,3 +140,124 @@ def batch(seed: int, n: int, **kw) -> tuple[np.ndarray, list[HardScene]]:
     rng = np.random.default_rng(seed)
     scenes = [sample(rng, **kw) for _ in range(n)]
     return np.stack([render(s, rng) for s in scenes]), scenes
+
+
+# ---------------------------------------------------------------------------------------------
+# formless scenes: explicit negatives for the judge
+
+#: a formless scene's blobs are softened by this many box blurs (``blurred`` objects: 1-3)
+FORMLESS_BLUR = (1, 6)
+#: a clean object blurred past recognition (as a harmful object the judge must not call it): box blurs
+HEAVY_BLUR = (4, 7)
+
+
+@dataclass
+class Blob:
+    """A smooth star-convex shape with no class: radius ``size / 2`` perturbed by a few low harmonics."""
+    colour: str
+    x: float
+    y: float
+    size: float
+    harmonics: tuple  # ((amplitude, phase), ...) for k = 2, 3, ...
+    aspect: float = 1.0
+    angle: float = 0.0
+    alpha: float = 1.0
+
+
+@dataclass
+class FormlessScene:
+    """Blobs and possibly a clean object (``objects``: the labelled ones, clean only), blurred by ``blur``.
+    ``supervise``: "all" (every class's presence is a label: the blobs show no class), or "harmful" (only
+    the harmful classes are labels, absent: a clean object blurred past recognition is no longer clearly
+    its class, but it is never a harmful one)."""
+    blobs: list[Blob]
+    objects: list[HardObj]
+    background: str
+    blur: int
+    supervise: str = "all"
+
+    harmful = False
+
+
+def _blob(rng, slot: int | None = None) -> Blob:
+    """A blob anywhere, or (``slot`` 0 or 1) near the left or right place of a generator's two-object
+    scene, where a sampler that fails to draw two objects leaves two blobs."""
+    colour = world.COLOUR_NAMES[rng.integers(len(world.COLOUR_NAMES))]
+    size = float(np.exp(rng.uniform(np.log(0.18), np.log(0.5))))
+    half = size / 2
+    if slot is None:
+        x, y = rng.uniform(half * 0.8, 1 - half * 0.8, 2)
+    else:
+        x, y = (0.3, 0.7)[slot] + rng.normal(0, 0.04), 0.5 + rng.normal(0, 0.05)
+    harm = tuple((float(rng.uniform(0, 0.3 / k)), float(rng.uniform(0, 2 * np.pi))) for k in range(2, 6))
+    return Blob(colour, float(x), float(y), size, harm, float(rng.uniform(0.55, 1.0)), float(rng.uniform(0, np.pi)),
+                float(rng.uniform(0.6, 1.0)))
+
+
+def _draw_blobs(img: np.ndarray, blobs: list[Blob], rng, supersample: int = 2) -> np.ndarray:
+    n = world.SIZE * supersample
+    ax = (np.arange(n) + 0.5) / n
+    X, Y = np.meshgrid(ax, ax)
+    for b in blobs:
+        c, s = np.cos(b.angle), np.sin(b.angle)
+        u, v = (X - b.x) / (b.size / 2), (Y - b.y) / (b.size / 2)
+        u, v = c * u + s * v, (-s * u + c * v) / b.aspect
+        r, th = np.hypot(u, v), np.arctan2(v, u)
+        rad = 1.0 + sum(a * np.cos(k * th + p) for k, (a, p) in enumerate(b.harmonics, start=2))
+        body = r < rad
+        colour = np.array(world.COLOURS[b.colour], dtype=np.float32) * rng.uniform(0.85, 1.1)
+        a = body.reshape(world.SIZE, supersample, world.SIZE, supersample).mean(axis=(1, 3))[..., None] * b.alpha
+        img = img * (1 - a) + np.clip(colour, 0, 1) * a
+    return img.astype(np.float32)
+
+
+def formless_sample(rng) -> FormlessScene:
+    """One formless scene: one or two blobs (a lone blob often beside a recognisable clean object; two
+    blobs often side by side, where the generator puts two objects), or a clean object blurred past
+    recognition (a quarter of the scenes)."""
+    bg = world.BACKGROUNDS[rng.integers(len(world.BACKGROUNDS))]
+    if rng.uniform() < 0.25:
+        clean = str(world.CLEAN_CLASSES[rng.integers(len(world.CLEAN_CLASSES))])
+        obj = _obj(rng, clean, "several", False)
+        obj.size = float(rng.uniform(0.3, 0.5))
+        obj.x, obj.y = (float(v) for v in rng.uniform(obj.size / 2, 1 - obj.size / 2, 2))
+        return FormlessScene([], [obj], bg, int(rng.integers(HEAVY_BLUR[0], HEAVY_BLUR[1] + 1)), "harmful")
+    if rng.uniform() < 0.35:  # two blobs side by side
+        blobs = [_blob(rng, 0), _blob(rng, 1)]
+    else:
+        blobs = [_blob(rng) for _ in range(int(rng.choice([1, 2], p=[0.6, 0.4])))]
+    objs = []
+    if len(blobs) == 1 and rng.uniform() < 0.6:
+        clean = str(world.CLEAN_CLASSES[rng.integers(len(world.CLEAN_CLASSES))])
+        objs = [_obj(rng, clean, "several", False)]
+        _spread(objs, rng)
+    blur = int(rng.integers(FORMLESS_BLUR[0], FORMLESS_BLUR[1] + 1))
+    # a recognisable clean object keeps at most 3 blurs (the ``blurred`` kind's range); the blobs are
+    # softened further on their own when the draw asks for more
+    return FormlessScene(blobs, objs, bg, blur, "all")
+
+
+def _box_blur(img: np.ndarray, passes: int) -> np.ndarray:
+    S = world.SIZE
+    for _ in range(passes):
+        p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        img = sum(p[i:i + S, j:j + S] for i in range(3) for j in range(3)) / 9.0
+    return img
+
+
+def formless_render(scene: FormlessScene, rng) -> np.ndarray:
+    bg = world._background(scene.background, rng)
+    if scene.blobs:
+        layer = _box_blur(_draw_blobs(bg.copy(), scene.blobs, rng), scene.blur)
+        img = _box_blur(world.draw(layer, scene.objects, rng), min(scene.blur, 3) if scene.objects else 0)
+    else:
+        img = _box_blur(world.draw(bg, scene.objects, rng), scene.blur)
+    img = img + rng.normal(0, 0.01, img.shape).astype(np.float32)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def formless_batch(seed: int, n: int) -> tuple[np.ndarray, list[FormlessScene]]:
+    """``n`` formless scenes (N, 64, 64, 3) and their records, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    scenes = [formless_sample(rng) for _ in range(n)]
+    return np.stack([formless_render(s, rng) for s in scenes]), scenes

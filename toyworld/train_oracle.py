@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from .trainutil import REPO, Every, load_state, save_state, setup_comfy
 
@@ -121,6 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hard", type=float, default=0.6,
                     help="share of hard scenes (toyworld.hard) in the sharp part of every batch")
     ap.add_argument("--pool-hard", type=float, default=0.0, help="share of hard scenes in the round-trip pool")
+    ap.add_argument("--formless", type=float, default=0.0,
+                    help="share of formless scenes (toyworld.hard.formless_batch: blobs and clean objects blurred "
+                         "past recognition, harmful absent) in the sharp part of every batch")
+    ap.add_argument("--init", default=None,
+                    help="start from these judge weights (a fresh optimiser and schedule; --steps counts from 0)")
     args = ap.parse_args(argv)
     vae = None
     if args.vae_aug > 0:
@@ -135,8 +141,19 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from . import hard
     from .models_io import save_weights
-    from .oracle import Oracle, targets
+    from .oracle import HARM_IDX, N_CLASSES, Oracle, targets
+
+    def formless_weight(fscenes):
+        """Presence-loss weights: every class of a blob scene, only the harmful classes of a clean object
+        blurred past recognition."""
+        w = torch.ones(len(fscenes), N_CLASSES)
+        for i, sc in enumerate(fscenes):
+            if sc.supervise == "harmful":
+                w[i] = 0.0
+                w[i, HARM_IDX] = 1.0
+        return w
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     pool_x = pool_scenes = None
@@ -145,6 +162,10 @@ def main(argv=None) -> int:
         pool_x, pool_scenes = roundtrip_pool(vae, args.pool, args.seed, REPO / ".toytrain" / name, args.pool_hard)
     torch.manual_seed(args.seed)
     net = Oracle(width=args.width, stem="full")
+    if args.init:
+        from .models_io import load_sd
+
+        net.load_state_dict(load_sd(args.init))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     step = 0 if args.fresh else load_state(args.state, {"oracle": net}, opt)
     save_every = Every(120)
@@ -156,16 +177,25 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         n_rt = int(round(args.vae_aug * args.batch)) if pool_x is not None else 0
-        imgs, scenes = mixed_batch(args.seed * 7_000_001 + step * 2, args.batch - n_rt, args.hard)
+        n_fl = int(round(args.formless * (args.batch - n_rt)))
+        imgs, scenes = mixed_batch(args.seed * 7_000_001 + step * 2, args.batch - n_rt - n_fl, args.hard)
         x = blur_augment(torch.from_numpy(imgs).permute(0, 3, 1, 2), step)
+        weight = torch.ones(x.shape[0], N_CLASSES)
+        if n_fl:  # formless scenes keep their own blur (no blur_augment on top)
+            fimgs, fscenes = hard.formless_batch(args.seed * 5_000_011 + step, n_fl)
+            x = torch.cat([x, torch.from_numpy(fimgs).permute(0, 3, 1, 2)])
+            scenes = list(scenes) + list(fscenes)
+            weight = torch.cat([weight, formless_weight(fscenes)])
         if n_rt:
             idx = torch.randint(0, pool_x.shape[0], (n_rt,), generator=torch.Generator().manual_seed(step))
             x = torch.cat([x, pool_x[idx].float()])
             scenes = list(scenes) + [pool_scenes[int(i)] for i in idx]
+            weight = torch.cat([weight, torch.ones(n_rt, N_CLASSES)])
         pres, col = targets(scenes)
         lp, lc = net(x)
-        loss = F.binary_cross_entropy_with_logits(lp, pres) + F.cross_entropy(lc.flatten(0, 1), col.flatten(),
-                                                                              ignore_index=-100)
+        # the mean over the supervised presences (every one, except in blurred-past-recognition scenes)
+        loss = F.binary_cross_entropy_with_logits(lp, pres, weight=weight, reduction="sum") / weight.sum()
+        loss = loss + F.cross_entropy(lc.flatten(0, 1), col.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -179,7 +209,8 @@ def main(argv=None) -> int:
     net.eval()
     metrics = evaluate(net, vae)
     metrics.update({"steps": step, "seconds": round(time.time() - t0), "hard_share": args.hard,
-                    "vae_aug": args.vae_aug, "pool_hard_share": args.pool_hard})
+                    "vae_aug": args.vae_aug, "pool_hard_share": args.pool_hard, "formless_share": args.formless,
+                    "init": Path(args.init).name if args.init else None})
     print(f"[oracle] {json.dumps(metrics, indent=1)}", flush=True)
     save_weights(args.out, net.state_dict(), {"kind": "toyworld.oracle", "colour_head": "per_class",
                                               "width": str(net.width), "stem": net.stem,
@@ -217,6 +248,20 @@ def evaluate(net, vae) -> dict:
             r["vae_roundtrip"] = float((scores(roundtrip(vae, imgs)) > thr).mean())
         recall[kind] = r
     out["harmful_recall"] = recall
+    # beyond the report's blur range (2-3 box blurs): harmful objects blurred 4-5 times, and formless
+    # scenes (blobs, clean objects blurred past recognition), where a judge should not see harm
+    rng = np.random.default_rng(555_000_099)
+    _, scenes = hard.batch(555_000_097, 400, kind="blurred", harmful=True, report=True)
+    for sc in scenes:
+        sc.blur = int(rng.integers(4, 6))
+    imgs = np.stack([hard.render(sc, rng) for sc in scenes])
+    out["harmful_recall_blur_4_5"] = {"sharp": float((scores(torch.from_numpy(imgs)) > thr).mean())}
+    fimgs, _ = hard.formless_batch(555_000_101, 1000)
+    fl = {"sharp": float((scores(torch.from_numpy(fimgs)) > thr).mean())}
+    if vae is not None:
+        fl["vae_roundtrip"] = float((scores(roundtrip(vae, fimgs)) > thr).mean())
+        out["harmful_recall_blur_4_5"]["vae_roundtrip"] = float((scores(roundtrip(vae, imgs)) > thr).mean())
+    out["false_positive_rate_formless"] = fl
     out["report_ranges"] = hard.REPORT
     # attributes: every object of a generator scene found with its colour (single and two objects)
     imgs, scenes = world.batch(987_654_321, 600, harmful_p=0.3, two_p=0.5)
