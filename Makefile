@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test lint pytest bench bench-train demo eval eval-samplers calibrate attack workflows toy-train toy-train-vae \
+.PHONY: bootstrap test lint pytest bench bench-families bench-train demo eval eval-samplers calibrate attack workflows toy-train toy-train-vae \
 	toy-train-oracle toy-train-unet toy-train-text-hgr toy-train-text-hgr-adversarial clean-env test-comfy test-matrix
 
 bootstrap:
@@ -30,6 +30,10 @@ test-matrix: bootstrap
 
 bench: bootstrap
 	$(PY) -m benchmarks.bench_sampling --out results/bench.json
+
+# the same on a full-size flow-matching transformer (SD3.5 Medium, random weights) -> results/bench_families.json
+bench-families: bootstrap
+	$(PY) -m benchmarks.bench_families --out results/bench_families.json
 
 # What training an HGR for SD1.5 at 512x512 costs, from counted FLOPs -> results/train_estimate.json
 bench-train: bootstrap

@@ -141,6 +141,49 @@ def substitute_toy_model(page) -> int:
     }""")
 
 
+#: the stock loaders a family workflow's tiny model stands in for, and the tiny node's output for each
+#: of their outputs (MODEL 0, CLIP 1, VAE 2)
+FAMILY_LOADERS = {"CheckpointLoaderSimple": [0, 1, 2], "UNETLoader": [0], "CLIPLoader": [1], "DualCLIPLoader": [1],
+                  "TripleCLIPLoader": [1], "QuadrupleCLIPLoader": [1], "VAELoader": [2]}
+
+
+def substitute_tiny_family(page, family: str) -> int:
+    """Put one tiny model of ``family`` (``SafeCFGTestTinyModel``: MODEL, CLIP, VAE) where the workflow's
+    stock loaders are (``FAMILY_LOADERS``); shrink latents to 64 px (9 frames for video). Returns how
+    many loaders were replaced."""
+    return page.evaluate("""([family, loaders]) => {
+        const g = app.graph;
+        let tiny = null, n = 0;
+        for (const old of [...g._nodes]) {
+            if (['EmptyLatentImage', 'EmptySD3LatentImage', 'EmptyHunyuanLatentVideo'].includes(old.type)) {
+                for (const w of old.widgets) {
+                    if (w.name === 'width' || w.name === 'height') w.value = 64;
+                    if (w.name === 'length') w.value = 9;
+                }
+            }
+            const map = loaders[old.type];
+            if (!map) continue;
+            if (!tiny) {
+                tiny = LiteGraph.createNode('SafeCFGTestTinyModel');
+                tiny.pos = [...old.pos];
+                g.add(tiny);
+                for (const w of tiny.widgets) if (w.name === 'family') w.value = family;
+            }
+            for (let slot = 0; slot < map.length; slot++) {
+                for (const id of [...(old.outputs[slot].links || [])]) {
+                    const link = g.links instanceof Map ? g.links.get(id) : g.links[id];
+                    if (!link) continue;
+                    tiny.connect(map[slot], g.getNodeById(link.target_id), link.target_slot);
+                }
+            }
+            g.remove(old);
+            n++;
+        }
+        g.setDirtyCanvas(true, true);
+        return n;
+    }""", [family, FAMILY_LOADERS])
+
+
 def fit_view(page) -> None:
     """Every node in view (from the nodes' own positions and sizes: the same in both renderers)."""
     page.evaluate("""async () => {
@@ -212,13 +255,15 @@ QUICK = {"HGRTrain": {"data": "toyworld_hgr_mini.json", "fit_steps": 20},
 
 def run_workflow(page, server, workflow: dict, name: str, *, screenshot: Path | None = None,
                  timeout: float = 300.0) -> dict:
-    """Load a UI-format workflow in the front end, substitute the toy model for checkpoints, queue it
+    """Load a UI-format workflow in the front end, substitute the toy model for checkpoints (a tiny model
+    of the family for a family workflow's loaders: ``extra.safecfg.family``), queue it
     through the front end, wait for success (and for the reports of detector/filter nodes); returns
     the history entry, the missing node types and how many checkpoint loaders were replaced."""
     missing = load_workflow(page, workflow, name)
     if missing:
         return {"missing": missing}
-    replaced = substitute_toy_model(page)
+    family = ((workflow.get("extra") or {}).get("safecfg") or {}).get("family")
+    replaced = substitute_tiny_family(page, family) if family else substitute_toy_model(page)
     for node_type, values in QUICK.items():
         for key, value in values.items():
             set_widget(page, node_type, key, value)

@@ -12,7 +12,7 @@ from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..safecfg.detect import ACTIONS, Detection, apply_action, detect, level_percents
 from ..safecfg.text_hgr import TextHGRScorer
-from .hgr_type import HGRHandle, HGRType
+from .hgr_type import HGRHandle, HGRType, model_family
 from .sampling import text_negative
 
 CATEGORY = "SafeCFG"
@@ -63,6 +63,18 @@ def make_predict(mp, uncond: list, positive: list | None, concepts: list, n_imag
     return predict
 
 
+#: image families whose VAE is a video VAE (Qwen-Image uses Wan's): each image is encoded as a clip of one frame
+IMAGES_ON_VIDEO_VAE = ("QwenImage",)
+
+
+def is_video_clip(vae, model) -> bool:
+    """Whether the detector reads an IMAGE batch as the frames of one video clip: a video VAE (latents
+    with a time axis) on a model that samples video (Wan and the other video families), not on an image
+    family that borrows a video VAE (:data:`IMAGES_ON_VIDEO_VAE`)."""
+    return int(getattr(vae, "latent_dim", 2)) == 3 and model_family(model) not in IMAGES_ON_VIDEO_VAE \
+        and int(getattr(model.model.latent_format, "latent_dimensions", 2)) == 3
+
+
 def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold: float, noise_levels: int,
                   seed: int, batch_size: int, node: str = "HGRHarmDetector", progress=None) -> Detection:
     if images.ndim != 4 or images.shape[-1] < 3:
@@ -88,10 +100,22 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
         raise ValueError(f"{node}: images must be at least 8x8 pixels, got {images.shape[2]}x{images.shape[1]}")
     ms = model.get_model_object("model_sampling")
     sigmas = [float(ms.percent_to_sigma(p)) for p in level_percents(noise_levels)]
+    clip_mode = is_video_clip(vae, model)
+    if int(getattr(vae, "latent_dim", 2)) == 3 and not clip_mode and model_family(model) not in IMAGES_ON_VIDEO_VAE:
+        raise ValueError(f"{node}: the VAE is a video VAE but the model ({model_family(model) or 'unknown'}) samples "
+                         "images. Connect the VAE of the same checkpoint.")
     zs = []
-    for i in range(0, n, max(1, batch_size)):  # encode in chunks too: the VAE is the other memory hog
+    if clip_mode:  # a video model: the IMAGE batch is the frames of one clip, encoded (and scored) whole
         with torch.no_grad():
-            zs.append(vae.encode(images[i:i + batch_size, :, :, :3]).float().cpu())
+            zs.append(vae.encode(images[:, :, :, :3]).float().cpu())
+    elif int(getattr(vae, "latent_dim", 2)) == 3:  # an image model on a video VAE: each image a clip of 1
+        for i in range(n):
+            with torch.no_grad():
+                zs.append(vae.encode(images[i:i + 1, :, :, :3]).float().cpu())
+    else:
+        for i in range(0, n, max(1, batch_size)):  # encode in chunks too: the VAE is the other memory hog
+            with torch.no_grad():
+                zs.append(vae.encode(images[i:i + batch_size, :, :, :3]).float().cpu())
     z = model.model.process_latent_in(torch.cat(zs))
     if z.shape[1] != int(getattr(model.model.latent_format, "latent_channels", z.shape[1])):
         raise ValueError(f"{node}: the VAE gives {z.shape[1]}-channel latents but the model expects "
@@ -99,13 +123,14 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
     comfy.model_management.load_models_gpu([model])
     model.pre_run()
     try:
-        predict = make_predict(model, uncond, positive, concepts, n, node)
+        predict = make_predict(model, uncond, positive, concepts, z.shape[0], node)
 
         def scale(s, nz, x0):
             return ms.noise_scaling(s.to(x0.device), nz.to(x0.device), x0)
 
-        return detect(red, z, sigmas, predict, noise_scaling=scale, with_prompt=positive is not None,
-                      threshold=threshold, seed=seed, batch_images=batch_size, progress=progress)
+        det = detect(red, z, sigmas, predict, noise_scaling=scale, with_prompt=positive is not None,
+                     threshold=threshold, seed=seed, batch_images=batch_size, progress=progress)
+        return det.for_frames(n) if clip_mode else det
     finally:
         model.cleanup()
 

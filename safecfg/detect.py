@@ -28,7 +28,11 @@ Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 
 @dataclass
 class Detection:
-    """Per-image harmfulness: ``scores`` (N,) mean HED, ``per_level`` (N, K), ``flags`` (N,) bool."""
+    """Per-image harmfulness: ``scores`` (N,) mean HED, ``per_level`` (N, K), ``flags`` (N,) bool.
+
+    For video latents (N, C, T, h, w) each sample is a clip: ``per_frame`` (N, T) holds the HED of each
+    latent frame (mean over the levels) beside the clip's own score (:meth:`for_frames` spreads a clip's
+    detection over its decoded frames)."""
 
     scores: torch.Tensor
     per_level: torch.Tensor
@@ -36,15 +40,47 @@ class Detection:
     threshold: float
     with_prompt: bool
     names: list[str]
+    per_frame: torch.Tensor | None = None
+    #: set by :meth:`for_frames`: (first frame, frame count, clip score, latent frame of each frame)
+    clip: tuple | None = None
+
+    def for_frames(self, n_frames: int) -> Detection:
+        """A one-clip detection as one entry per decoded frame: each frame's score is its latent frame's
+        HED, its flag the clip's (a clip is flagged or passed whole). Frames map to latent frames as a
+        causal video VAE packs them (:func:`frame_index`)."""
+        if self.per_frame is None or self.scores.shape[0] != 1:
+            raise ValueError("for_frames needs the detection of one video clip")
+        idx = frame_index(n_frames, self.per_frame.shape[1])
+        return Detection(self.per_frame[0, idx], self.per_level.expand(n_frames, -1).clone(),
+                         self.flags.expand(n_frames).clone(), self.threshold, self.with_prompt, self.names,
+                         self.per_frame, (0, n_frames, float(self.scores[0]), idx.tolist()))
 
     def report(self, labels: Sequence[str] | None = None) -> str:
         lines = [f"SafeCFG harm detection: {int(self.flags.sum())} of {len(self.scores)} image(s) flagged "
                  f"(threshold {self.threshold:.4g}, {'with' if self.with_prompt else 'without'} the prompt, "
                  f"redirector: {', '.join(self.names) or '-'})"]
+        if self.clip is not None:
+            _, n, score, idx = self.clip
+            lines = [f"SafeCFG harm detection: a video clip of {n} frame(s) "
+                     f"{'FLAGGED' if bool(self.flags[0]) else 'ok'}, clip score {score:.4f} (threshold "
+                     f"{self.threshold:.4g}, {'with' if self.with_prompt else 'without'} the prompt, redirector: "
+                     f"{', '.join(self.names) or '-'}); per frame, its latent frame's score:"]
+            lines += [f"  frame {i} (latent frame {idx[i]}): score {s:.4f}" for i, s in enumerate(self.scores.tolist())]
+            return "\n".join(lines)
         for i, (s, f) in enumerate(zip(self.scores.tolist(), self.flags.tolist())):
             label = labels[i] if labels is not None and i < len(labels) else f"image {i}"
             lines.append(f"  {label}: score {s:.4f}  {'FLAGGED' if f else 'ok'}")
         return "\n".join(lines)
+
+
+def frame_index(n_frames: int, latent_frames: int) -> torch.Tensor:
+    """For each of ``n_frames`` decoded frames, the latent frame it comes from: a causal video VAE
+    (Wan's: 4 frames per latent frame) keeps the first frame alone and packs the rest evenly."""
+    if latent_frames <= 1 or n_frames <= 1:
+        return torch.zeros(max(n_frames, 0), dtype=torch.long)
+    per = (n_frames - 1) / (latent_frames - 1)
+    f = torch.arange(n_frames, dtype=torch.float64)
+    return torch.ceil(f / per - 1e-9).long().clamp(0, latent_frames - 1)
 
 
 def level_percents(k: int, lo: float = 0.3, hi: float = 0.8) -> list[float]:
@@ -68,6 +104,8 @@ def detect(redirector: Redirector, z: torch.Tensor, sigmas: Sequence[float], pre
     model call. A chunk that runs out of memory is retried in halves (down to one image)."""
     n, k = z.shape[0], len(sigmas)
     per_level = torch.zeros(n, k)
+    frames = z.shape[2] if z.ndim == 5 else 0  # video latents: a HED per latent frame too
+    per_frame = torch.zeros(n, k, frames) if frames else None
     if n == 0:
         return Detection(torch.zeros(0), per_level, torch.zeros(0, dtype=torch.bool), threshold, with_prompt,
                          list(getattr(redirector, "names", []) or []))
@@ -83,7 +121,10 @@ def detect(redirector: Redirector, z: torch.Tensor, sigmas: Sequence[float], pre
         idx = torch.arange(i, i + b)
         try:
             with torch.no_grad():
-                per_level[i:i + b] = _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt)
+                lv, fr = _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt)
+            per_level[i:i + b] = lv
+            if per_frame is not None:
+                per_frame[i:i + b] = fr
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
             if not is_oom(e) or b == 1:
                 raise
@@ -97,10 +138,12 @@ def detect(redirector: Redirector, z: torch.Tensor, sigmas: Sequence[float], pre
             progress(i, n)
     scores = per_level.mean(dim=1)
     return Detection(scores, per_level, scores > threshold, float(threshold), with_prompt,
-                     list(getattr(redirector, "names", []) or []))
+                     list(getattr(redirector, "names", []) or []),
+                     per_frame.mean(dim=1) if per_frame is not None else None)
 
 
-def _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt) -> torch.Tensor:
+def _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt) -> tuple:
+    """(HED (b, K), and for video latents each latent frame's HED (b, K, T), else None)."""
     b, k = len(idx), len(sig)
     z_b = z[idx].float()
     # level-major rows: row = level * b + image
@@ -115,7 +158,14 @@ def _chunk(redirector, z, idx, sig, noise, predict, scale, with_prompt) -> torch
     red = redirector.redirect(g, s.to(g.device), uncond=d_u,
                               concept_preds=[c.float() for c in concepts] if concepts else None)
     e = torch.nan_to_num(red.hed.float().cpu(), nan=0.0, posinf=0.0)
-    return e.view(k, b).t()
+    frames = None
+    if g.ndim == 5:  # each latent frame's own distance: ||R(g) - g|| / ||g|| over that frame
+        from .redirect import HED_EPS
+
+        num = (red.g_red.float() - g.float()).pow(2).sum(dim=(1, 3, 4)).sqrt()
+        den = g.float().pow(2).sum(dim=(1, 3, 4)).sqrt() + HED_EPS
+        frames = torch.nan_to_num((num / den).cpu(), nan=0.0, posinf=0.0).view(k, b, -1).transpose(0, 1)
+    return e.view(k, b).t(), frames
 
 
 # ----------------------------------------------------------------------------------------------

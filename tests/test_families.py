@@ -533,3 +533,74 @@ def test_text_hgr_on_z_image_takes_the_prompt_s_length_and_mask():
     with pytest.raises(ValueError, match=r"HGRTrain: the text encoder of this ZImage model gives these prompts "
                                          r"embeddings of 2 different lengths .* not supported yet"):
         teacher.embed(["a knife", "a red knife on a wooden table"])
+
+
+def test_harm_detector_on_flux_with_its_own_16_channel_vae():
+    """The harm detector on a flow-matching image family: images encoded by a 16-channel VAE (TAESD's
+    16-channel layout, seeded), scored by a 16-channel latent HGR without the prompt and by a text HGR
+    of the sequence layout with it; a batch scores every image as it scores alone; a 4-channel VAE is
+    refused naming both channel counts; a text HGR without the prompt is refused."""
+    from safecfg_pack.nodes import hgr_type
+    from safecfg_pack.nodes.detect_nodes import run_detection
+    from safecfg_pack.safecfg import hgr_net
+
+    m, clip, vae = model_for("flux"), tiny.tiny_flux_clip(0), tiny.tiny_vae(0, latent_channels=16)
+    with torch.no_grad():
+        images = vae.decode(torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))).float()
+    assert images.shape == (3, 64, 64, 3)
+    torch.manual_seed(0)
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    latent = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format="Flux"), name="flux_hgr", latent_format="Flux",
+                                latent_channels=16)
+
+    def score(imgs, handle, positive=None):
+        return run_detection(imgs, m, clip, vae, handle, positive, 0.5, 2, 0, 8)
+
+    det = score(images, latent)
+    assert det.scores.shape == (3,) and torch.isfinite(det.scores).all() and (det.scores > 0).all()
+    for i in range(3):
+        torch.testing.assert_close(score(images[i:i + 1], latent).scores[0], det.scores[i], rtol=1e-4, atol=1e-6)
+    pos = encode(clip, "a red knife on a table")
+    text = hgr_type.handle_for(_random_text_hgr(encode(clip, "")[0][0][0]), "flux_text_hgr.safetensors")
+    with_prompt = score(images, text, pos)
+    assert with_prompt.with_prompt and torch.isfinite(with_prompt.scores).all() and (with_prompt.scores > 0).all()
+    with pytest.raises(ValueError, match=r"scores images only with their prompt: connect 'positive'"):
+        score(images, text)
+    with pytest.raises(ValueError, match=r"the VAE gives 4-channel latents but the model expects 16"):
+        run_detection(images, m, clip, tiny.tiny_vae(0), latent, None, 0.5, 2, 0, 8)
+
+
+def test_harm_detector_scores_a_wan_clip_whole_with_per_frame_scores():
+    """On a video model the detector reads the IMAGE batch as the frames of one clip: encoded whole by
+    the video VAE (TAEHV's 16-channel layout, 9 frames -> 3 latent frames), scored as one clip, each
+    frame given its latent frame's score (the first frame alone, then 4 per latent frame) and the
+    clip's flag; the report lists both; the filter acts on every frame of a flagged clip. At one noise
+    level the clip's score lies between its frames' (a norm ratio over the frames)."""
+    from safecfg_pack.nodes import detect_nodes, hgr_type
+    from safecfg_pack.safecfg import hgr_net
+
+    m = model_for("wan21")
+    clip = tiny.tiny_z_image_clip(0)  # the empty prompt only: a 32-wide embedding, as the tiny Wan reads
+    vae = tiny.tiny_video_vae(0)
+    with torch.no_grad():
+        frames = vae.decode(torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    frames = frames.reshape(-1, *frames.shape[-3:]).float()
+    assert frames.shape == (9, 64, 64, 3)
+    torch.manual_seed(0)
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    h = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format="Wan21"), name="wan_hgr", latent_format="Wan21",
+                           latent_channels=16)
+    det = detect_nodes.run_detection(frames, m, clip, vae, h, None, 1e-6, 1, 0, 8)
+    assert det.scores.shape == (9,) and det.per_frame.shape == (1, 3) and det.flags.all()
+    assert det.clip[3] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    torch.testing.assert_close(det.scores, det.per_frame[0, torch.tensor(det.clip[3])])
+    clip_score = det.clip[2]
+    assert float(det.per_frame.min()) - 1e-6 <= clip_score <= float(det.per_frame.max()) + 1e-6
+    report = det.report()
+    assert "a video clip of 9 frame(s) FLAGGED" in report and "frame 8 (latent frame 2)" in report
+    (out, safe_images, flagged, idx) = detect_nodes.HGRHarmFilter.execute(frames, det, "black", 16).result[:4]
+    assert idx == ",".join(map(str, range(9))) and float(out.abs().max()) == 0.0
+    calm = detect_nodes.run_detection(frames, m, clip, vae, h, None, 1e6, 1, 0, 8)
+    assert not calm.flags.any() and torch.equal(calm.scores, det.scores)

@@ -174,9 +174,126 @@ def toy_demo() -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# flow-matching families: each with ComfyUI's stock loaders and the model files' usual names; the
+# concept redirector (training-free, any family) through the KSampler patch. The browser test puts a
+# tiny model of the family in place of the loaders (``FAMILY`` below names it).
+
+#: the tiny family the browser test and `make workflows` put in place of each workflow's loaders
+FAMILY = {"sd35_ksampler_safecfg_patch": "sd3", "flux_dev_ksampler_safecfg_patch": "flux",
+          "qwen_image_ksampler_safecfg_patch": "qwen_image", "wan21_t2v_ksampler_safecfg_patch": "wan21"}
+
+
+def _family_sampling(model, clip, positive, negative, latent, *, cfg, steps, sampler="euler", scheduler="simple",
+                     first=10) -> dict:
+    """Concept redirector -> patch -> KSampler, from node id ``first`` on."""
+    a, b, c = str(first), str(first + 1), str(first + 2)
+    return {
+        a: _concepts(clip),
+        b: {"class_type": "HGRSafeCFGPatch", "inputs": {"model": model, "hgr": [a, 0], "strength": 1.0,
+                                                         "start_percent": 0.0, "end_percent": 1.0}},
+        c: {"class_type": "KSampler", "inputs": {
+            "model": [b, 0], "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+            "positive": positive, "negative": negative, "latent_image": latent, "denoise": 1.0}},
+    }
+
+
+def sd35_patch() -> dict:
+    """SD3.5 Medium (checkpoint + its three text encoders) with the concept redirector in the KSampler
+    patch, at the model's usual cfg 4.5."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3.5_medium.safetensors"},
+              "_meta": {"title": "Load Checkpoint (SD3.5 Medium)"}},
+        "2": {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                           "clip_name2": "clip_g.safetensors",
+                                                           "clip_name3": "t5xxl_fp16.safetensors"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff at dusk", "clip": ["2", 0]},
+              "_meta": {"title": "Prompt"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["2", 0]},
+              "_meta": {"title": "Negative"}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "safecfg_sd35"}},
+    }
+    g.update(_family_sampling(["1", 0], ["2", 0], ["3", 0], ["4", 0], ["5", 0], cfg=4.5, steps=28))
+    return g
+
+
+def flux_dev_patch() -> dict:
+    """Flux.1 dev, guidance-distilled, sampled as usual at cfg 1 with Flux Guidance 3.5. With strength
+    above 0 SafeCFG also evaluates the negative (here the empty prompt) and the concept row: 3 model
+    rows a step instead of 1."""
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5xxl_fp16.safetensors",
+                                                         "clip_name2": "clip_l.safetensors", "type": "flux"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cosy reading corner with a cat", "clip": ["2", 0]},
+              "_meta": {"title": "Prompt"}},
+        "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]},
+              "_meta": {"title": "Negative (evaluated by SafeCFG at cfg 1)"}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["3", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "safecfg_flux"}},
+    }
+    g.update(_family_sampling(["1", 0], ["2", 0], ["5", 0], ["6", 0], ["7", 0], cfg=1.0, steps=20))
+    return g
+
+
+def qwen_image_patch() -> dict:
+    """Qwen-Image (its Qwen2.5-VL text encoder and VAE) with the concept redirector in the KSampler
+    patch, at cfg 2.5."""
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "qwen_image_fp8_e4m3fn.safetensors",
+                                                     "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                     "type": "qwen_image"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a market street poster with bold lettering",
+                                                         "clip": ["2", 0]}, "_meta": {"title": "Prompt"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}, "_meta": {"title": "Negative"}},
+        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1328, "height": 1328, "batch_size": 1}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["3", 0]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "safecfg_qwen_image"}},
+    }
+    g.update(_family_sampling(["1", 0], ["2", 0], ["4", 0], ["5", 0], ["6", 0], cfg=2.5, steps=20))
+    return g
+
+
+def wan21_t2v_patch() -> dict:
+    """Wan 2.1 text-to-video 1.3B (UMT5 text encoder, Wan VAE): 33 frames at 832x480, the concept
+    redirector in the KSampler patch (global mode; ``patch`` mode works per latent frame), saved as
+    an animated WEBP."""
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors",
+                                                     "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                                     "type": "wan"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a paper boat drifting down a rainy street",
+                                                         "clip": ["2", 0]}, "_meta": {"title": "Prompt"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["2", 0]},
+              "_meta": {"title": "Negative"}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 832, "height": 480, "length": 33,
+                                                                  "batch_size": 1}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["3", 0]}},
+        "8": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["7", 0], "filename_prefix": "safecfg_wan",
+                                                           "fps": 16.0, "lossless": False, "quality": 90,
+                                                           "method": "default"}},
+    }
+    g.update(_family_sampling(["1", 0], ["2", 0], ["4", 0], ["5", 0], ["6", 0], cfg=6.0, steps=30,
+                              sampler="uni_pc"))
+    return g
+
+
 WORKFLOWS = {
     "sd15_safecfg_guider": sd15_guider,
     "sd15_ksampler_safecfg_patch": sd15_patch,
+    "sd35_ksampler_safecfg_patch": sd35_patch,
+    "flux_dev_ksampler_safecfg_patch": flux_dev_patch,
+    "qwen_image_ksampler_safecfg_patch": qwen_image_patch,
+    "wan21_t2v_ksampler_safecfg_patch": wan21_t2v_patch,
     "toy_detect_and_filter": toy_detect_filter,
     "toy_train_hgr": toy_train_hgr,
     "toy_safe_finetune": toy_safe_finetune,

@@ -21,9 +21,9 @@ class SafeCFGTestTinyModel(io.ComfyNode):
             node_id="SafeCFGTestTinyModel",
             display_name="SafeCFG test: tiny model",
             category="_for_testing/safecfg",
-            description="Tiny randomly initialised SD1.5/SDXL-family MODEL, CLIP and VAE (tests only).",
+            description="Tiny randomly initialised MODEL, CLIP and VAE of a model family (tests only).",
             inputs=[
-                io.Combo.Input("family", options=["sd15", "sdxl"], default="sd15"),
+                io.Combo.Input("family", options=models.tiny_families(), default="sd15"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
             ],
             outputs=[

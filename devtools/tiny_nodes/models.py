@@ -253,9 +253,10 @@ def sdxl_conditioning(seed: int = 0, n: int = 1, width: int = 64, height: int = 
 # VAE
 
 
-def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
-    """``comfy.sd.VAE`` with the TAESD architecture (4 latent channels, 8x up/down), seeded."""
-    sd = comfy.taesd.taesd.TAESD().state_dict()
+def tiny_vae(seed: int = 0, latent_channels: int = 4) -> comfy.sd.VAE:
+    """``comfy.sd.VAE`` with the TAESD architecture (8x up/down), seeded: 4 latent channels (SD1.5,
+    SDXL), or 16 (TAEF1/TAESD3's layout, the flow-matching image families' latent)."""
+    sd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels).state_dict()
     seed_state_dict_(sd, seed)
     # The decoder's last conv emits pixels in [0, 1] (ComfyUI clamps). Centre it on mid-grey with a
     # moderate spread so decoded images are neither saturated nor flat (mean ~0.5, std ~0.2).
@@ -264,6 +265,16 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
     sd[last] = sd[last] * 0.5
     bias = last[: -len("weight")] + "bias"
     sd[bias] = torch.full_like(sd[bias], 0.5)
+    return comfy.sd.VAE(sd=sd)
+
+
+def tiny_video_vae(seed: int = 0) -> comfy.sd.VAE:
+    """``comfy.sd.VAE`` with the TAEHV architecture (``taew2_1``'s layout: 16 latent channels, a causal
+    clip of 4k + 1 frames to k + 1 latent frames), seeded: Wan 2.1's latent."""
+    import comfy.taesd.taehv
+
+    sd = comfy.taesd.taehv.TAEHV(latent_channels=16, show_progress_bar=False).state_dict()
+    seed_state_dict_(sd, seed)
     return comfy.sd.VAE(sd=sd)
 
 
@@ -393,10 +404,29 @@ def tiny_z_image_clip(seed: int = 0) -> comfy.sd.CLIP:
     return _clip(target, {"qwen3_4b_model_config": dict(TINY_QWEN3)}, seed)
 
 
+#: the text encoder each flow-matching family's tiny stand-in uses: its own where a tiny one is built
+#: (Flux: T5 + CLIP-L; Z-Image: Qwen3), else one of the same width and pooled size (SD3: Flux's T5 +
+#: CLIP-L for its T5 + CLIP-L/G; Qwen-Image: Flux's T5 for Qwen2.5-VL; Wan: Z-Image's Qwen3 for UMT5)
+FAMILY_TEXT = {"flux": "flux", "sd3": "flux", "qwen_image": "flux", "z_image": "z_image", "wan21": "z_image"}
+#: the families whose VAE is a video VAE (Wan's; Qwen-Image samples images with it)
+VIDEO_VAE_FAMILIES = ("qwen_image", "wan21")
+
+
+def tiny_families() -> list[str]:
+    """Every family :func:`tiny_family` builds on the running ComfyUI."""
+    return ["sd15", "sdxl"] + [f for f in FAMILY_TEXT if f in dit_families()]
+
+
 def tiny_family(family: str, seed: int = 0):
-    """(MODEL, CLIP, VAE) for ``family`` in {"sd15", "sdxl"}."""
+    """(MODEL, CLIP, VAE) for ``family``: "sd15", "sdxl", or a flow-matching family of
+    :data:`FAMILY_TEXT` (its tiny model, text encoder, and a 16-channel VAE: TAESD's layout, or TAEHV's
+    for the video-VAE families)."""
     if family == "sd15":
         return tiny_sd15(seed), tiny_sd15_clip(seed), tiny_vae(seed)
     if family == "sdxl":
         return tiny_sdxl(seed), tiny_sdxl_clip(seed), tiny_vae(seed)
-    raise ValueError(f"unknown tiny model family {family!r} (expected 'sd15' or 'sdxl')")
+    if family in FAMILY_TEXT:
+        clip = tiny_flux_clip(seed) if FAMILY_TEXT[family] == "flux" else tiny_z_image_clip(seed)
+        vae = tiny_video_vae(seed) if family in VIDEO_VAE_FAMILIES else tiny_vae(seed, latent_channels=16)
+        return tiny_dit(family, seed), clip, vae
+    raise ValueError(f"unknown tiny model family {family!r} (one of {', '.join(tiny_families())})")
