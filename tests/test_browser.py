@@ -42,7 +42,8 @@ def page_and_server(request):
 def test_there_are_workflows():
     names = {p.stem for p in WORKFLOWS}
     assert {"sd15_safecfg_guider", "sd15_ksampler_safecfg_patch", "toy_detect_and_filter", "toy_train_hgr",
-            "toy_demo", "toy_safe_finetune"} <= names
+            "toy_demo", "toy_safe_finetune", "sd35_ksampler_safecfg_patch", "flux_dev_ksampler_safecfg_patch",
+            "qwen_image_ksampler_safecfg_patch", "wan21_t2v_ksampler_safecfg_patch"} <= names
     for p in WORKFLOWS:
         assert p.with_suffix(".png").is_file(), f"{p.name} has no preview PNG"
 
