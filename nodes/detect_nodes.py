@@ -116,10 +116,12 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
         for i in range(0, n, max(1, batch_size)):  # encode in chunks too: the VAE is the other memory hog
             with torch.no_grad():
                 zs.append(vae.encode(images[i:i + batch_size, :, :, :3]).float().cpu())
-    z = model.model.process_latent_in(torch.cat(zs))
+    z = torch.cat(zs)
+    # checked before the model's own latent scaling, which fails on another channel count with a raw error
     if z.shape[1] != int(getattr(model.model.latent_format, "latent_channels", z.shape[1])):
         raise ValueError(f"{node}: the VAE gives {z.shape[1]}-channel latents but the model expects "
                          f"{model.model.latent_format.latent_channels}. Connect the VAE of the same checkpoint.")
+    z = model.model.process_latent_in(z)
     comfy.model_management.load_models_gpu([model])
     model.pre_run()
     try:

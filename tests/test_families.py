@@ -535,23 +535,31 @@ def test_text_hgr_on_z_image_takes_the_prompt_s_length_and_mask():
         teacher.embed(["a knife", "a red knife on a wooden table"])
 
 
-def test_harm_detector_on_flux_with_its_own_16_channel_vae():
-    """The harm detector on a flow-matching image family: images encoded by a 16-channel VAE (TAESD's
-    16-channel layout, seeded), scored by a 16-channel latent HGR without the prompt and by a text HGR
-    of the sequence layout with it; a batch scores every image as it scores alone; a 4-channel VAE is
-    refused naming both channel counts; a text HGR without the prompt is refused."""
+@pytest.mark.parametrize("family", _has("sd3", "flux", "qwen_image", "z_image"))
+def test_harm_detector_on_image_families_with_their_16_channel_vaes(family):
+    """The harm detector on flow-matching image families: images encoded by the family's 16-channel VAE
+    (TAESD's 16-channel layout; for Qwen-Image, Wan's video VAE, each image a clip of one frame), scored
+    by a 16-channel latent HGR without the prompt and by a text HGR of the sequence layout with it; a
+    batch scores every image as it scores alone; a 4-channel VAE is refused naming both channel counts;
+    a text HGR without the prompt is refused. (SD3 and Qwen-Image read Flux's tiny T5 + CLIP-L, of their
+    widths: no tiny CLIP-G or Qwen2.5-VL is built.)"""
     from safecfg_pack.nodes import hgr_type
     from safecfg_pack.nodes.detect_nodes import run_detection
     from safecfg_pack.safecfg import hgr_net
 
-    m, clip, vae = model_for("flux"), tiny.tiny_flux_clip(0), tiny.tiny_vae(0, latent_channels=16)
+    m, clip, vae = tiny.tiny_family(family, 0)
+    z = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        images = vae.decode(torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))).float()
+        if family in tiny.VIDEO_VAE_FAMILIES:
+            images = torch.cat([vae.decode(z[i:i + 1, :, None]).reshape(-1, 64, 64, 3) for i in range(3)]).float()
+        else:
+            images = vae.decode(z).float()
     assert images.shape == (3, 64, 64, 3)
     torch.manual_seed(0)
     net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
     torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    latent = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format="Flux"), name="flux_hgr", latent_format="Flux",
+    fmt = type(m.model.latent_format).__name__
+    latent = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format=fmt), name="hgr", latent_format=fmt,
                                 latent_channels=16)
 
     def score(imgs, handle, positive=None):
@@ -562,7 +570,8 @@ def test_harm_detector_on_flux_with_its_own_16_channel_vae():
     for i in range(3):
         torch.testing.assert_close(score(images[i:i + 1], latent).scores[0], det.scores[i], rtol=1e-4, atol=1e-6)
     pos = encode(clip, "a red knife on a table")
-    text = hgr_type.handle_for(_random_text_hgr(encode(clip, "")[0][0][0]), "flux_text_hgr.safetensors")
+    text = hgr_type.handle_for(_random_text_hgr(encode(clip, "")[0][0][0], family=tiny.DIT_FAMILIES[family]["cls"]),
+                               "text_hgr.safetensors")
     with_prompt = score(images, text, pos)
     assert with_prompt.with_prompt and torch.isfinite(with_prompt.scores).all() and (with_prompt.scores > 0).all()
     with pytest.raises(ValueError, match=r"scores images only with their prompt: connect 'positive'"):

@@ -72,7 +72,7 @@ def test_sharded_cache_builds_disjoint_units(sd15, tmp_path):
     assert train.load_cache(tmp_path / "c")["g"].shape[0] == 8
 
 
-def _train_graph(tmp_path, pairs: list[dict], **inputs):
+def _train_graph(tmp_path, pairs: list[dict], family: str = "sd15", **inputs):
     """A prompt-pair file with ``pairs`` (clean prompts: a red cat, a tree), ``tmp_path/hgr`` as the
     default HGR folder, and a graph training an HGR on the tiny SD1.5 model: (graph, data, folder)."""
     import json
@@ -84,7 +84,7 @@ def _train_graph(tmp_path, pairs: list[dict], **inputs):
     out_dir = tmp_path / "hgr"
     out_dir.mkdir()
     folder_paths.add_model_folder_path("hgr", str(out_dir), is_default=True)
-    g = {"1": {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
+    g = {"1": {"class_type": "SafeCFGTestTinyModel", "inputs": {"family": family, "seed": 0}},
          "2": {"class_type": "HGRTrain", "inputs": {"model": ["1", 0], "clip": ["1", 1], "data": str(data),
                                                     "image_size": 64, "seed": 0, **inputs}}}
     return g, data, out_dir
@@ -111,6 +111,29 @@ def test_hgr_train_node_writes_a_loadable_file(tmp_path, run_prompt):
 
     with pytest.raises(runtime.PromptExecutionError, match="HGRTrain: cannot read prompt data"):
         run_prompt(bad)
+
+
+def test_hgr_train_node_on_tiny_flux_both_kinds(tmp_path, run_prompt):
+    """HGRTrain on a flow-matching family (a tiny Flux with its own T5 + CLIP-L encoders, 16-channel
+    latents): the latent kind writes a 16-channel Flux file, the text kind a file of the sequence layout
+    for Flux's T5 (256 tokens); each loads for Flux and is refused for SD3."""
+    import pytest
+
+    pairs = [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
+             {"harmful": "a skull", "safe": "a ball", "category": "gore"}]
+    g, _, out_dir = _train_graph(tmp_path, pairs, family="flux", filename="flux_latent", fit_steps=10)
+    run_prompt(g)
+    latent = hgr_file.load_hgr(out_dir / "flux_latent.safetensors", latent_format="Flux", latent_channels=16)
+    assert latent.config.latent_channels == 16 and latent.trained_for["name"] == "Flux"
+    with pytest.raises(ValueError, match="Flux"):
+        hgr_file.load_hgr(out_dir / "flux_latent.safetensors", latent_format="SD3", latent_channels=16)
+    g["2"]["inputs"].update(filename="flux_text", kind="text", fit_steps=10)
+    out = run_prompt(g)
+    assert "text HGR" in out["2"]["text"][0]
+    text = hgr_file.load_hgr(out_dir / "flux_text.safetensors", family="Flux")
+    assert (text.kind, text.config.layout, text.config.empty_length, text.config.embed_dim) == ("text", 1, 256, 64)
+    with pytest.raises(ValueError, match=r"trained for the 'Flux' text encoder but the model is 'SD3'"):
+        hgr_file.load_hgr(out_dir / "flux_text.safetensors", family="SD3")
 
 
 def test_training_end_to_end_on_tiny_sdxl(sdxl, tmp_path):
