@@ -45,6 +45,8 @@ def main(argv=None) -> int:
                     help="text kind: also fit a rewriter of the prompt's own embedding towards its safe rewrite's "
                          "(gated by the HGR's harm distance; embeddings only, seconds per 100 steps); with --init "
                          "and no on-policy rounds, only the rewriter is fitted onto the --init file")
+    ap.add_argument("--frames", type=int, default=3,
+                    help="video models: latent frames of each teacher clip (the latent HGR works frame by frame)")
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--num-shards", type=int, default=1, help="split cache building across processes")
     ap.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
         raise SystemExit("--data is required with --checkpoint (see data/ for the format)")
     mp, clip, base = load_model(args)
     data_path = args.data or repo / "data" / "toyworld_hgr.json"
-    teacher = ComfyTeacher(mp, clip, width=args.size, height=args.size)
+    teacher = ComfyTeacher(mp, clip, width=args.size, height=args.size, frames=args.frames)
     data = PromptData.load(data_path)
     out = Path(args.out)
     cache_dir = Path(args.cache) if args.cache else out.with_suffix(".cache")

@@ -16,12 +16,20 @@ class ComfyTeacher:
     """Plain-CFG trajectories and batched denoised predictions of a ComfyUI MODEL + CLIP."""
 
     def __init__(self, model_patcher, clip, *, width: int = 64, height: int = 64, sampler: str = "euler",
-                 scheduler: str = "normal"):
+                 scheduler: str = "normal", frames: int = 3):
         self.mp, self.clip = model_patcher, clip
         lf = model_patcher.model.latent_format
         self.latent_format = type(lf).__name__
         self.latent_channels = int(getattr(lf, "latent_channels", 4))
         self.width, self.height = width, height
+        #: a model whose latents have a time axis samples clips of ``frames`` latent frames (Wan: 4k + 1
+        #: video frames make k + 1); an image family on such latents (Qwen-Image) samples one frame
+        self.latent_frames = 0
+        if int(getattr(lf, "latent_dimensions", 2)) == 3:
+            from .detect_nodes import IMAGES_ON_VIDEO_VAE
+            from .hgr_type import model_family
+
+            self.latent_frames = 1 if model_family(model_patcher) in IMAGES_ON_VIDEO_VAE else max(1, int(frames))
         self.sampler, self.scheduler = sampler, scheduler
         self._conds: dict[str, list] = {}
 
@@ -34,7 +42,8 @@ class ComfyTeacher:
             import json
 
             h = hashlib.sha256(json.dumps([self.latent_format, self.width, self.height, self.sampler,
-                                           self.scheduler]).encode())
+                                           self.scheduler] + ([self.latent_frames] if self.latent_frames else []))
+                               .encode())
             with torch.no_grad():
                 for name, p in self.mp.model.diffusion_model.named_parameters():
                     h.update(f"{name}{tuple(p.shape)}{float(p.float().sum()):.6e}".encode())
@@ -77,7 +86,8 @@ class ComfyTeacher:
             uncond = [[negatives.to(uncond[0][0].dtype), dict(uncond[0][1])]]
         guider.set_conds(self.batch_cond(prompts), uncond)
         guider.set_cfg(cfg)
-        lat = torch.zeros(len(prompts), self.latent_channels, self.height // 8, self.width // 8)
+        frames = (self.latent_frames,) if self.latent_frames else ()
+        lat = torch.zeros(len(prompts), self.latent_channels, *frames, self.height // 8, self.width // 8)
         noise = comfy.sample.prepare_noise(lat, seed)
         ms = self.mp.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(ms, self.scheduler, steps)

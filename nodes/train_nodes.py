@@ -65,13 +65,18 @@ class HGRTrain(io.ComfyNode):
                                      "own embedding towards its safe rewrite's (gated by the HGR's harm distance, "
                                      "so a prompt it reads as clean keeps its embedding exactly). On embeddings "
                                      "only, no denoiser: fast. 0 = none; 1000-1500 typical."),
+                io.Int.Input("frames", default=3, min=1, max=64, optional=True,
+                             tooltip="video models only (Wan and others): latent frames of each teacher clip "
+                                     "(Wan: 3 latent frames = 9 video frames). The latent HGR works frame by "
+                                     "frame, so it then drives clips of any length; more frames cost more per "
+                                     "teacher clip. Ignored for image models."),
             ],
             outputs=[HGRType.Output(display_name="HGR", tooltip="The trained HGR, ready for the guider or patch.")],
         )
 
     @classmethod
     def execute(cls, model, clip, data, filename, image_size, fit_steps, seed, kind="latent",
-                rewrite_steps=0) -> io.NodeOutput:
+                rewrite_steps=0, frames=3) -> io.NodeOutput:
         path = Path(data) if os.path.isabs(data) else PACK_DATA / data
         try:
             prompts = PromptData.load(path)
@@ -85,7 +90,7 @@ class HGRTrain(io.ComfyNode):
         out = out_dir / f"{name}.safetensors"
         cache_dir = Path(state_dir("hgr_cache", name))
         trained_for = model_fingerprint(model)
-        teacher = ComfyTeacher(model, clip, width=image_size, height=image_size)
+        teacher = ComfyTeacher(model, clip, width=image_size, height=image_size, frames=frames)
         bar = comfy.utils.ProgressBar(100)
 
         def progress(stage, done, total):

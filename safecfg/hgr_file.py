@@ -63,6 +63,7 @@ def save_hgr(path: str | os.PathLike, hgr: LearnedHGR | TextHGR, *, base_model: 
         "arch": hgr.config.to_json(),
         "latent_channels": str(hgr.config.latent_channels),
         "latent_format": hgr.latent_format,
+        "latent_frames": str(int(getattr(hgr, "latent_frames", 0))),
         "base_model": base_model,
         "categories": json.dumps(hgr.categories),
         "training": json.dumps(training or {}, sort_keys=True, default=str),
@@ -189,8 +190,12 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
     sd = _checked_tensors(path, header, ref)
     net = HGRNet(config)
     net.load_state_dict({k: v.float() for k, v in sd.items()})
+    frames = meta.get("latent_frames", "0")  # files from before video training: images
+    if not frames.isdigit() or int(frames) > 4096:
+        raise _fail(path, f"'latent_frames' must be a whole number of frames, got {frames[:20]!r}",
+                    "The file is corrupt; re-train it")
     hgr = LearnedHGR(net.to(device), latent_format=meta["latent_format"], categories=_categories(meta),
-                     name=path.name)
+                     name=path.name, latent_frames=int(frames))
     hgr.metadata = dict(meta, n_params=str(n_params))
     hgr.detect_threshold = _detect_threshold(meta.get("detection"))
     hgr.trained_for = _trained_for(path, meta.get("trained_for"))

@@ -159,10 +159,13 @@ class LearnedHGR(Redirector):
     kind = "learned"
 
     def __init__(self, net: HGRNet, *, latent_format: str = "", categories: list[str] | None = None,
-                 name: str = "HGR"):
+                 name: str = "HGR", latent_frames: int = 0):
         self.net = net.eval()
         self.config = net.config
         self.latent_format = latent_format
+        #: the latent frames of the video clips it was trained on (0: images); it acts frame by frame on
+        #: any clip length
+        self.latent_frames = int(latent_frames)
         self.categories = list(categories or [])
         self.name = name
         self.names = [name]

@@ -36,7 +36,7 @@ class Teacher(Protocol):
 
     def trajectories(self, prompts: list[str], seed: int, steps: int, cfg: float) -> tuple[list, torch.Tensor]:
         """Plain-CFG sampling of ``prompts``: the states ``[(x (B,C,H,W), sigma (B,)), ...]`` at every
-        step and the final latents (B,C,H,W)."""
+        step and the final latents (B,C,H,W); (B,C,T,H,W) clips for a video model."""
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[list[str]]) -> list[torch.Tensor]:
         """``D(x, prompt)`` for every column of ``prompts`` (each a list of B prompts), in one batch."""
@@ -99,7 +99,7 @@ def build_cache(teacher: Teacher, data: PromptData, out_dir: str | os.PathLike, 
         xs = [states[i] for i in picks]
         for _ in range(spec.noised_per_image):  # finished images, noised: detection on any image
             s = torch.exp(torch.empty(len(prompts)).uniform_(math.log(lo), math.log(hi), generator=gen))
-            xs.append((finals + torch.randn(finals.shape, generator=gen) * s.view(-1, 1, 1, 1), s))
+            xs.append((finals + torch.randn(finals.shape, generator=gen) * s.view(-1, *[1] * (finals.ndim - 1)), s))
         rec = {k: [] for k in KEYS}
         for x, sigma in xs:
             d_p, d_s, d_u = teacher.denoise(x, sigma, [prompts, safes, [""] * len(prompts)])
@@ -141,4 +141,12 @@ def load_cache(cache_dir: str | os.PathLike, paths: list[Path] | None = None) ->
     if not paths:
         raise FileNotFoundError(f"no cache shards in {cache_dir}; build the cache first")
     parts = [load_file(str(p)) for p in paths]
-    return {k: torch.cat([p[k] for p in parts]) for k in KEYS}
+    out = {k: torch.cat([p[k] for p in parts]) for k in KEYS}
+    if out["g"].ndim == 5:  # video clips (N, C, T, h, w): the HGR acts frame by frame, so it trains on frames
+        n, t = out["g"].shape[0], out["g"].shape[2]
+        for k in ("g", "target", "uncond"):
+            out[k] = out[k].permute(0, 2, 1, 3, 4).reshape(n * t, *out[k].shape[1:2], *out[k].shape[3:])
+        for k in ("sigma", "harmful", "category"):
+            out[k] = out[k].repeat_interleave(t)
+        out["latent_frames"] = torch.tensor(t)
+    return out

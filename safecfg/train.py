@@ -138,6 +138,9 @@ def train_hgr(teacher: Teacher, data: PromptData, cache_dir: str | os.PathLike, 
                        categories=data.category_names, device=device, should_stop=should_stop,
                        progress=(lambda d, t, v: progress("fit", d, t)) if progress else None)
     summary["cache"] = {"samples": int(cache["g"].shape[0]), **cache_spec.__dict__}
+    if "latent_frames" in cache:  # trained on video clips, frame by frame
+        hgr.latent_frames = int(cache["latent_frames"])
+        summary["cache"]["latent_frames"] = hgr.latent_frames
     save_hgr(out_path, hgr, base_model=base_model, training=summary)
     load_hgr(out_path)  # what was written must load and validate
     return hgr, summary

@@ -136,6 +136,35 @@ def test_hgr_train_node_on_tiny_flux_both_kinds(tmp_path, run_prompt):
         hgr_file.load_hgr(out_dir / "flux_text.safetensors", family="SD3")
 
 
+def test_hgr_train_node_on_tiny_wan_video_clips(tmp_path, run_prompt):
+    """HGRTrain (latent kind) on a video model: the teacher samples clips (a tiny Wan 2.1, 3 latent frames
+    of 8x8), the HGR is fitted frame by frame, and the file records the Wan latent family, 16 channels
+    and the clips' 3 latent frames; the patch applies it to a clip of another length."""
+    import nodes
+
+    from devtools.tiny_nodes import models as tiny
+    from safecfg_pack.nodes import guidance_nodes, hgr_type
+
+    pairs = [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
+             {"harmful": "a skull", "safe": "a ball", "category": "gore"}]
+    g, _, out_dir = _train_graph(tmp_path, pairs, family="wan21", filename="wan_latent", fit_steps=10, frames=3)
+    run_prompt(g)
+    f = out_dir / "wan_latent.safetensors"
+    hgr = hgr_file.load_hgr(f, latent_format="Wan21", latent_channels=16)
+    assert hgr.latent_frames == 3 and hgr_file.read_header(f)[1]["latent_frames"] == "3"
+    m = tiny.tiny_dit("wan21", 0)
+    (patched,) = guidance_nodes.HGRSafeCFGPatch.execute(model=m, hgr=hgr_type.handle_for(hgr, f.name), strength=1.0,
+                                                        start_percent=0.0, end_percent=1.0).result
+    pos, neg = tiny.dit_conditioning("wan21", 1), tiny.dit_conditioning("wan21", 2)
+    lat = {"samples": torch.zeros(1, 16, 5, 8, 8)}  # 5 latent frames: another clip length than trained on
+
+    def sample(model):
+        return nodes.common_ksampler(model, 0, 3, 5.0, "euler", "simple", pos, neg, lat)[0]["samples"]
+
+    out, ref = sample(patched), sample(m)
+    assert out.shape == (1, 16, 5, 8, 8) and torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
 def test_training_end_to_end_on_tiny_sdxl(sdxl, tmp_path):
     """The SDXL family (two text encoders, pooled output, size conditioning) trains and saves too."""
     train, data = _data()
