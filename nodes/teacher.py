@@ -76,31 +76,60 @@ class ComfyTeacher:
         ms = self.mp.get_model_object("model_sampling")
         return float(ms.sigma_min), float(ms.sigma_max)
 
+    def length_groups(self, texts: list[str]) -> list[list[int]]:
+        """The prompts' indices grouped by their embeddings' token count: one group for CLIP-chunked or
+        padded encoders; several for an encoder whose output length varies with the prompt (Qwen,
+        Llama, Gemma-based ones), whose prompts are sampled and denoised group by group, never
+        repeated to a common length (their token positions would change)."""
+        if self.layout() == 0:
+            return [list(range(len(texts)))]
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(texts):
+            groups.setdefault(int(self.cond(t)[0][0].shape[1]), []).append(i)
+        return list(groups.values())
+
     def trajectories(self, prompts, seed, steps, cfg, negatives=None):
         """Plain-CFG trajectories of ``prompts``; ``negatives`` (B, T, D), if given, are the
         unconditional branch's text embeddings instead of the empty prompt's (a text HGR's, for
-        on-policy teacher states)."""
-        guider = comfy.samplers.CFGGuider(self.mp)
-        uncond = self.batch_cond([""] * len(prompts))
-        if negatives is not None:
-            uncond = [[negatives.to(uncond[0][0].dtype), dict(uncond[0][1])]]
-        guider.set_conds(self.batch_cond(prompts), uncond)
-        guider.set_cfg(cfg)
+        on-policy teacher states). Prompts of different token counts are sampled group by group with
+        their own rows of the same noise."""
         frames = (self.latent_frames,) if self.latent_frames else ()
         lat = torch.zeros(len(prompts), self.latent_channels, *frames, self.height // 8, self.width // 8)
         noise = comfy.sample.prepare_noise(lat, seed)
         ms = self.mp.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(ms, self.scheduler, steps)
-        states, last = [], {}
+        groups = self.length_groups(prompts)
+        if negatives is not None and len(groups) > 1:
+            raise ValueError("on-policy teacher states need every prompt's embedding at one length; this text "
+                             "encoder's vary with the prompt. Train without on-policy rounds.")
+        xs: list[list] = [[] for _ in range(steps)]
+        x0 = torch.zeros(lat.shape)
+        for idx in groups:
+            guider = comfy.samplers.CFGGuider(self.mp)
+            uncond = self.batch_cond([""] * len(idx))
+            if negatives is not None:
+                uncond = [[negatives[idx].to(uncond[0][0].dtype), dict(uncond[0][1])]]
+            guider.set_conds(self.batch_cond([prompts[i] for i in idx]), uncond)
+            guider.set_cfg(cfg)
+            last = {}
 
-        def cb(i, x0, x, total):
-            states.append((x.detach().float().cpu(), sigmas[i].expand(x.shape[0]).float().cpu()))
-            last["x0"] = x0.detach().float().cpu()
+            def cb(i, x0_, x, total, last=last, idx=idx):
+                xs[i].append((idx, x.detach().float().cpu()))
+                last["x0"] = x0_.detach().float().cpu()
 
-        with torch.no_grad():
-            guider.sample(noise, lat, comfy.samplers.sampler_object(self.sampler), sigmas, callback=cb,
-                          disable_pbar=True, seed=seed)
-        return states, last["x0"]
+            with torch.no_grad():
+                guider.sample(noise[idx], lat[idx], comfy.samplers.sampler_object(self.sampler), sigmas, callback=cb,
+                              disable_pbar=True, seed=seed)
+            x0[idx] = last["x0"]
+        states = []
+        for i, parts in enumerate(xs):
+            if not parts:
+                continue
+            x = torch.zeros(lat.shape)
+            for idx, part in parts:
+                x[idx] = part
+            states.append((x, sigmas[i].expand(len(prompts)).float().cpu()))
+        return states, x0
 
     def denoise(self, x, sigma, prompts):
         mp = self.mp
@@ -109,12 +138,25 @@ class ComfyTeacher:
         x = x.to(device)
         sigma = sigma.to(device)
         model = mp.model
-        conds = [comfy.samplers.encode_model_conds(model.extra_conds, convert_cond(self.batch_cond(col)), x, device,
-                                                   "positive") for col in prompts]
         mp.pre_run()
         try:
             with torch.no_grad():
-                out = comfy.samplers.calc_cond_batch(model, conds, x, sigma, mp.model_options)
+                cols = [self.length_groups(col) for col in prompts]
+                if all(len(g) == 1 for g in cols):  # one batched call for every column
+                    conds = [comfy.samplers.encode_model_conds(model.extra_conds, convert_cond(self.batch_cond(col)),
+                                                               x, device, "positive") for col in prompts]
+                    out = comfy.samplers.calc_cond_batch(model, conds, x, sigma, mp.model_options)
+                else:  # prompts of different token counts: each column group by group
+                    out = []
+                    for col, groups in zip(prompts, cols):
+                        o = torch.zeros(x.shape, device=device)
+                        for idx in groups:
+                            cond = comfy.samplers.encode_model_conds(
+                                model.extra_conds, convert_cond(self.batch_cond([col[i] for i in idx])), x[idx],
+                                device, "positive")
+                            o[idx] = comfy.samplers.calc_cond_batch(model, [cond], x[idx], sigma[idx],
+                                                                    mp.model_options)[0].to(o.dtype)
+                        out.append(o)
         finally:
             mp.cleanup()
         return [o.float().cpu() for o in out]
@@ -122,19 +164,29 @@ class ComfyTeacher:
     # -- the text-embedding HGR's teacher (safecfg.text_train.TextTeacher) -----------------------
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """The prompts' text embeddings (B, T, D), constants on the CPU."""
-        if self.layout() == 1:
-            lengths = {int(self.cond(t)[0][0].shape[1]) for t in prompts}
-            if len(lengths) > 1:
-                from .hgr_type import model_family
+        """The prompts' text embeddings (B, T, D), constants on the CPU; every prompt's must have one
+        length (see :meth:`embed_padded` for encoders whose output length varies)."""
+        if len(self.length_groups(prompts)) > 1:
+            from .hgr_type import model_family
 
-                raise ValueError(
-                    f"HGRTrain: the text encoder of this {model_family(self.mp)} model gives these prompts "
-                    f"embeddings of {len(lengths)} different lengths ({', '.join(map(str, sorted(lengths)))} "
-                    "tokens); training a text HGR on an encoder whose output length varies with the prompt "
-                    "(Qwen-Image, Z-Image, Lumina 2, HiDream) is not supported yet. Train the latent kind, or use "
-                    "the concept redirector, which works with any model.")
+            lengths = sorted({int(self.cond(t)[0][0].shape[1]) for t in prompts})
+            raise ValueError(
+                f"HGRTrain: the text encoder of this {model_family(self.mp)} model gives these prompts embeddings "
+                f"of {len(lengths)} different lengths ({', '.join(map(str, lengths))} tokens); the text HGR's "
+                "rewriter and on-policy rounds need one length for every prompt, so they are not supported for "
+                "this encoder yet (the text HGR itself trains on any lengths). Train without them (rewrite_steps "
+                "0), or use the concept redirector, which works with any model.")
         return self.batch_cond(prompts)[0][0].float().cpu()
+
+    def embed_padded(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts' text embeddings zero-padded to the longest, ``(B, T_max, D)``, and each one's
+        token count ``(B,)``: prompts of an encoder whose output length varies (constants, CPU)."""
+        rows = [self.cond(t)[0][0][0].float().cpu() for t in prompts]
+        lengths = torch.tensor([r.shape[0] for r in rows])
+        out = torch.zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            out[i, :r.shape[0]] = r
+        return out, lengths
 
     def layout(self) -> int:
         """The text HGR's token layout for this model (``nodes.hgr_type.text_layout``)."""
@@ -155,6 +207,9 @@ class ComfyTeacher:
         x, sigma = x.to(device), sigma.to(device)
         extra = {k: (v.expand(x.shape[0], *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 else v)
                  for k, v in self.cond("")[0][1].items()}
+        mask = extra.get("attention_mask")
+        if torch.is_tensor(mask) and mask.shape[-1] != context.shape[1]:  # one unpadded prompt of this length
+            extra["attention_mask"] = torch.ones(x.shape[0], context.shape[1], dtype=mask.dtype)
         cond = [[context.to(device, x.dtype), extra]]
         conds = [comfy.samplers.encode_model_conds(mp.model.extra_conds, convert_cond(cond), x, device, "positive")]
         mp.pre_run()

@@ -114,7 +114,11 @@ def build_states(teacher: TextTeacher, data: PromptData, spec: TextStatesSpec, *
     if progress:
         progress(len(units), len(units))
     out = {k: torch.cat(v) for k, v in rec.items()}
-    out["embeddings"] = torch.cat([teacher.embed(texts[i:i + 64]) for i in range(0, len(texts), 64)]).float()
+    if hasattr(teacher, "embed_padded"):  # any lengths: padded, with each prompt's token count
+        emb, lengths = teacher.embed_padded(texts)
+        out["embeddings"], out["lengths"] = emb.float(), lengths.long()
+    else:
+        out["embeddings"] = torch.cat([teacher.embed(texts[i:i + 64]) for i in range(0, len(texts), 64)]).float()
     return out
 
 
@@ -173,10 +177,22 @@ def _fit(teacher, states, config, empty, spec, family, categories, init, progres
     opt = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(spec.seed)
 
+    lengths = states.get("lengths")
+    full = states["embeddings"].shape[1]
+
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
-        c = states["embeddings"][states["prompt"][idx]]
-        pred = teacher.denoise_embedding(states["x"][idx], states["sigma"][idx], net(c))
-        return relative_loss(pred, states["target"][idx], states["scale"][idx])
+        p = states["prompt"][idx]
+        n = lengths[p] if lengths is not None else torch.full((len(idx),), full)
+        sels, losses = [], []
+        for length in n.unique().tolist():  # prompts of one token count per model call
+            sel = (n == length).nonzero().flatten()
+            c = states["embeddings"][p[sel], :length]
+            pred = teacher.denoise_embedding(states["x"][idx[sel]], states["sigma"][idx[sel]], net(c))
+            sels.append(sel)
+            losses.append(relative_loss(pred, states["target"][idx[sel]], states["scale"][idx[sel]]))
+        if len(losses) == 1:
+            return losses[0]
+        return torch.cat(losses)[torch.argsort(torch.cat(sels))]  # back in the order of ``idx``
 
     def evaluate(idx: torch.Tensor) -> float:
         net.eval()
@@ -238,8 +254,10 @@ def json_safe(text) -> dict:
 
 def merge_states(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Teacher states of several rounds of the same prompts (:func:`build_states`) as one set."""
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "embeddings"}
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("embeddings", "lengths")}
     out["embeddings"] = parts[0]["embeddings"]
+    if "lengths" in parts[0]:
+        out["lengths"] = parts[0]["lengths"]
     return out
 
 

@@ -506,10 +506,8 @@ def test_text_hgr_on_z_image_takes_the_prompt_s_length_and_mask():
     """The sequence layout on an encoder whose output length varies (Z-Image's Qwen3, a chat template):
     ``HGR(c)`` has the prompt's length, the empty embedding mapped onto its positions (the template's
     prefix kept position by position at strength 0), and the unconditional branch takes the positive's
-    attention mask; the patch samples as core CFG with that negative. Training on prompts of different
-    lengths is refused, naming the family and the alternatives."""
+    attention mask; the patch samples as core CFG with that negative."""
     from safecfg_pack.nodes import hgr_type
-    from safecfg_pack.nodes.teacher import ComfyTeacher
     from safecfg_pack.safecfg.concept_text import align
 
     m, clip = model_for("z_image"), tiny.tiny_z_image_clip(0)
@@ -529,10 +527,71 @@ def test_text_hgr_on_z_image_takes_the_prompt_s_length_and_mask():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     (neg_hgr,) = sampling.text_negative(h, pos, neg, 1.0)[:1]
     assert torch.equal(neg_hgr[1]["attention_mask"], pos[0][1]["attention_mask"])
+
+
+@pytest.mark.skipif("z_image" not in FAMILIES, reason="this ComfyUI has no Z-Image (added after 0.3.52); "
+                                                    "make test's 0.3.75 has it (test_every_family_on_0_3_75)")
+def test_text_hgr_trains_on_z_image_prompts_of_different_lengths(tmp_path):
+    """The paper's HGR on an encoder whose output length varies (Z-Image's Qwen3): the teacher samples
+    and denoises prompts of different token counts group by group (a batch equals each prompt alone; its
+    prediction from a prompt's embedding equals the one from the prompt), the fit reads each prompt at
+    its own length, and the file (sequence layout, the empty prompt's own length) is nearer the targets
+    than the identity. The rewriter, which needs one length for a prompt and its rewrite, is refused
+    with the reason."""
+    from safetensors.torch import load_file
+
+    from safecfg_pack.nodes.teacher import ComfyTeacher
+    from safecfg_pack.safecfg import hgr_file, train
+    from safecfg_pack.safecfg.text_hgr import TextHGRNet
+    from safecfg_pack.safecfg.text_train import (
+        TextFitSpec,
+        TextStatesSpec,
+        add_rewriter,
+        relative_loss,
+        train_text_hgr,
+    )
+
+    data = train.PromptData(harmful=["a red knife", "a knife on a wooden table", "a skull", "a green skull"],
+                            safe=["a red spoon", "a spoon on a wooden table", "a ball", "a green ball"],
+                            categories=["weapon", "weapon", "gore", "gore"],
+                            clean=["a red cat", "a blue house by the sea", "a tree", "a green field"])
+    m, clip = model_for("z_image"), tiny.tiny_z_image_clip(0)
     teacher = ComfyTeacher(m, clip, width=128, height=128)
-    with pytest.raises(ValueError, match=r"HGRTrain: the text encoder of this ZImage model gives these prompts "
-                                         r"embeddings of 2 different lengths .* not supported yet"):
-        teacher.embed(["a knife", "a red knife on a wooden table"])
+    prompts = ["a red knife", "a knife on a wooden table"]
+    emb, lengths = teacher.embed_padded(prompts)
+    assert lengths[0] != lengths[1] and len(teacher.length_groups(prompts)) == 2
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.6, 0.6])
+    (both,) = teacher.denoise(x, sigma, [prompts])
+    for i, p in enumerate(prompts):
+        (alone,) = teacher.denoise(x[i:i + 1], sigma[i:i + 1], [[p]])
+        torch.testing.assert_close(both[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+        from_emb = teacher.denoise_embedding(x[i:i + 1], sigma[i:i + 1], emb[i:i + 1, :int(lengths[i])])
+        torch.testing.assert_close(from_emb.cpu(), alone, rtol=1e-4, atol=1e-5)
+    out = tmp_path / "z_text_hgr.safetensors"
+    hgr, _ = train_text_hgr(teacher, data, tmp_path / "cache", out,
+                            spec=TextStatesSpec(states_per_trajectory=2, steps=4, cfg=3.0, batch=8, seed=1),
+                            fit_spec=TextFitSpec(steps=12, batch=8, eval_every=4, lr=3e-3, val_fraction=0.0),
+                            width=32, family="ZImage", layout=teacher.layout())
+    back = hgr_file.load_hgr(out, family="ZImage")
+    assert (back.config.layout, back.config.empty_length) == (1, encode(clip, "")[0][0].shape[1])
+    st = load_file(str(tmp_path / "cache" / "text_states.safetensors"))
+    assert len(st["lengths"].unique()) > 1
+    idx = st["harmful"].nonzero().flatten()
+
+    def loss(net):
+        total = []
+        with torch.no_grad():
+            for i in idx.tolist():
+                n = int(st["lengths"][st["prompt"][i]])
+                c = st["embeddings"][st["prompt"][i]][None, :n]
+                pred = teacher.denoise_embedding(st["x"][i:i + 1], st["sigma"][i:i + 1], net(c))
+                total.append(relative_loss(pred, st["target"][i:i + 1], st["scale"][i:i + 1]))
+        return float(torch.cat(total).mean())
+
+    assert loss(back.net) < 0.9 * loss(TextHGRNet(back.config, back.net.empty))
+    with pytest.raises(ValueError, match=r"the text HGR's rewriter and on-policy rounds need one length"):
+        add_rewriter(back, teacher.embed, data)
 
 
 @pytest.mark.parametrize("family", _has("sd3", "flux", "qwen_image", "z_image"))
