@@ -594,14 +594,14 @@ def test_text_hgr_trains_on_z_image_prompts_of_different_lengths(tmp_path):
         add_rewriter(back, teacher.embed, data)
 
 
-@pytest.mark.parametrize("family", _has("sd3", "flux", "qwen_image", "z_image"))
+@pytest.mark.parametrize("family", _has("sd3", "flux", "chroma", "qwen_image", "lumina2", "z_image"))
 def test_harm_detector_on_image_families_with_their_16_channel_vaes(family):
     """The harm detector on flow-matching image families: images encoded by the family's 16-channel VAE
     (TAESD's 16-channel layout; for Qwen-Image, Wan's video VAE, each image a clip of one frame), scored
     by a 16-channel latent HGR without the prompt and by a text HGR of the sequence layout with it; a
     batch scores every image as it scores alone; a 4-channel VAE is refused naming both channel counts;
-    a text HGR without the prompt is refused. (SD3 and Qwen-Image read Flux's tiny T5 + CLIP-L, of their
-    widths: no tiny CLIP-G or Qwen2.5-VL is built.)"""
+    a text HGR without the prompt is refused. (SD3, Chroma and Qwen-Image read Flux's tiny T5 + CLIP-L,
+    Lumina 2 Z-Image's Qwen3, of their widths: no tiny CLIP-G, Qwen2.5-VL or Gemma 2 is built.)"""
     from safecfg_pack.nodes import hgr_type
     from safecfg_pack.nodes.detect_nodes import run_detection
     from safecfg_pack.safecfg import hgr_net
@@ -672,3 +672,38 @@ def test_harm_detector_scores_a_wan_clip_whole_with_per_frame_scores():
     assert idx == ",".join(map(str, range(9))) and float(out.abs().max()) == 0.0
     calm = detect_nodes.run_detection(frames, m, clip, vae, h, None, 1e6, 1, 0, 8)
     assert not calm.flags.any() and torch.equal(calm.scores, det.scores)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_learned_hgrs_of_both_kinds_drive_every_family(family):
+    """On every family, with its own conditioning extras: a text HGR (sequence layout) through the patch
+    samples exactly as core CFG with ``HGR(c)`` as the negative, and a 16-channel latent HGR through the
+    patch changes the sample (finite), each refused on a family it was not made for."""
+    from safecfg_pack.nodes import guidance_nodes, hgr_type
+    from safecfg_pack.safecfg import hgr_net
+
+    m = model_for(family)
+    pos, neg, _ = conds(family)
+    shape = tiny.dit_latent_shape(family)
+    cls = tiny.DIT_FAMILIES[family]["cls"]
+    text = hgr_type.handle_for(_random_text_hgr(neg[0][0][0], family=cls), f"{family}_text.safetensors")
+    u = text.redirector.uncond(pos[0][0])
+    want = ksample(m, pos, [[u, dict(neg[0][1])]], shape, cfg=3.0)
+    got = ksample(sampling.patch_model(m, text, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.0)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert not torch.allclose(got, ksample(m, pos, neg, shape, cfg=3.0), atol=1e-5)
+    torch.manual_seed(0)
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    fmt = type(m.model.latent_format).__name__
+    latent = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format=fmt), name="l", latent_format=fmt,
+                                latent_channels=16)
+    out = ksample(sampling.patch_model(m, latent, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.0)
+    assert out.shape == shape and torch.isfinite(out).all()
+    assert not torch.equal(out, ksample(m, pos, neg, shape, 3.0))
+    other = "flux" if family != "flux" else "sd3"  # another family (HiDream's width is its own: that is said)
+    with pytest.raises(ValueError, match=rf"text HGR '{family}_text.safetensors' (was trained for {cls} text "
+                                         rf"embeddings but the model connected is|reads \d+-wide text embeddings "
+                                         rf"\({cls}\))"):
+        guidance_nodes.HGRSafeCFGPatch.execute(model=model_for(other), hgr=text, strength=1.0, start_percent=0.0,
+                                               end_percent=1.0)

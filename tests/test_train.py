@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import folder_paths
+import pytest
 import torch
 
 from devtools import comfy as runtime
@@ -134,6 +135,30 @@ def test_hgr_train_node_on_tiny_flux_both_kinds(tmp_path, run_prompt):
     assert (text.kind, text.config.layout, text.config.empty_length, text.config.embed_dim) == ("text", 1, 256, 64)
     with pytest.raises(ValueError, match=r"trained for the 'Flux' text encoder but the model is 'SD3'"):
         hgr_file.load_hgr(out_dir / "flux_text.safetensors", family="SD3")
+
+
+@pytest.mark.parametrize("family", ["sd3", "chroma", "qwen_image", "lumina2", "z_image", "wan21"])
+def test_hgr_train_node_trains_both_kinds_on_every_flow_matching_family(family, tmp_path, run_prompt):
+    """HGRTrain, latent and text kind, on the tiny model of each flow-matching family (with its own text
+    encoder where one is built tiny, else one of its widths standing in: see ``tiny_family``): each file
+    loads for that family (latent family, 16 channels; text: the sequence layout) and records it."""
+    from devtools.tiny_nodes import models as tiny
+
+    if family not in tiny.tiny_families():
+        pytest.skip(f"this ComfyUI has no {family} (make test's 0.3.75 has every family)")
+    cls = tiny.DIT_FAMILIES[family]["cls"]
+    pairs = [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
+             {"harmful": "a skull on a table", "safe": "a ball", "category": "gore"}]
+    g, _, out_dir = _train_graph(tmp_path, pairs, family=family, filename="latent", fit_steps=10)
+    run_prompt(g)
+    model = tiny.tiny_dit(family, 0)
+    fmt = type(model.model.latent_format).__name__
+    latent = hgr_file.load_hgr(out_dir / "latent.safetensors", latent_format=fmt, latent_channels=16)
+    assert latent.trained_for["name"] == cls
+    g["2"]["inputs"].update(filename="text", kind="text", fit_steps=10)
+    run_prompt(g)
+    text = hgr_file.load_hgr(out_dir / "text.safetensors", family=cls)
+    assert (text.kind, text.config.layout, text.family) == ("text", 1, cls)
 
 
 def test_hgr_train_node_on_tiny_wan_video_clips(tmp_path, run_prompt):

@@ -406,8 +406,10 @@ def tiny_z_image_clip(seed: int = 0) -> comfy.sd.CLIP:
 
 #: the text encoder each flow-matching family's tiny stand-in uses: its own where a tiny one is built
 #: (Flux: T5 + CLIP-L; Z-Image: Qwen3), else one of the same width and pooled size (SD3: Flux's T5 +
-#: CLIP-L for its T5 + CLIP-L/G; Qwen-Image: Flux's T5 for Qwen2.5-VL; Wan: Z-Image's Qwen3 for UMT5)
-FAMILY_TEXT = {"flux": "flux", "sd3": "flux", "qwen_image": "flux", "z_image": "z_image", "wan21": "z_image"}
+#: CLIP-L for its T5 + CLIP-L/G; Chroma: Flux's T5; Qwen-Image: Flux's T5 for Qwen2.5-VL; Lumina 2:
+#: Z-Image's Qwen3 for Gemma 2; Wan: Z-Image's Qwen3 for UMT5)
+FAMILY_TEXT = {"flux": "flux", "sd3": "flux", "chroma": "flux", "qwen_image": "flux", "z_image": "z_image",
+               "lumina2": "z_image", "wan21": "z_image"}
 #: the families whose VAE is a video VAE (Wan's; Qwen-Image samples images with it)
 VIDEO_VAE_FAMILIES = ("qwen_image", "wan21")
 
