@@ -72,9 +72,18 @@ def make_train_predict(teacher: ComfyTeacher, prompts: list[str]):
 
     def predict(x, sigma, rows):
         x, sigma = x.to(device), sigma.to(device)
-        cond = teacher.batch_cond([prompts[int(i)] if int(i) >= 0 else "" for i in rows])
-        conds = [comfy.samplers.encode_model_conds(model.extra_conds, convert_cond(cond), x, device, "positive")]
-        return comfy.samplers.calc_cond_batch(model, conds, x, sigma, mp.model_options)[0]
+        texts = [prompts[int(i)] if int(i) >= 0 else "" for i in rows]
+        groups = teacher.length_groups(texts)  # prompts of different token counts: one call per count
+        outs, order = [], []
+        for idx in groups:
+            cond = teacher.batch_cond([texts[i] for i in idx])
+            conds = [comfy.samplers.encode_model_conds(model.extra_conds, convert_cond(cond), x[idx], device,
+                                                       "positive")]
+            outs.append(comfy.samplers.calc_cond_batch(model, conds, x[idx], sigma[idx], mp.model_options)[0])
+            order += idx
+        if len(groups) == 1:
+            return outs[0]
+        return torch.cat(outs)[torch.argsort(torch.tensor(order, device=outs[0].device))]
 
     return predict
 

@@ -173,9 +173,10 @@ class ComfyTeacher:
             raise ValueError(
                 f"HGRTrain: the text encoder of this {model_family(self.mp)} model gives these prompts embeddings "
                 f"of {len(lengths)} different lengths ({', '.join(map(str, lengths))} tokens); the text HGR's "
-                "rewriter and on-policy rounds need one length for every prompt, so they are not supported for "
-                "this encoder yet (the text HGR itself trains on any lengths). Train without them (rewrite_steps "
-                "0), or use the concept redirector, which works with any model.")
+                "rewriter and on-policy rounds, and the safe fine-tune driven by a text HGR, need one length for "
+                "every prompt, so they are not supported for this encoder yet (the text HGR itself trains on any "
+                "lengths). Train without them (rewrite_steps 0), fine-tune with a latent HGR, or use the concept "
+                "redirector, which works with any model.")
         return self.batch_cond(prompts)[0][0].float().cpu()
 
     def embed_padded(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,20 @@ log = logging.getLogger("SafeCFG")
 
 DEFAULT_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+#: where the UNet's attention names are not found (the flow-matching transformers: Flux's ``img_attn.qkv``,
+#: SD3's ``attn.qkv``, Wan's ``self_attn.q`` / ``cross_attn.k``, Lumina's ``attention.qkv``, ...): every
+#: Linear inside a module whose name holds one of these
+ATTENTION_WORDS = ("attn", "attention")
+
+
+def attention_linears(root: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[str]:
+    """The paths of the Linear layers a LoRA goes on: those ending in ``targets`` (the UNet families'
+    attention projections), else every Linear inside an attention module (:data:`ATTENTION_WORDS`)."""
+    linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
+    found = [n for n in linears if any(n.endswith(t) for t in targets)]
+    if found:
+        return found
+    return [n for n in linears if any(w in part for part in n.split(".")[:-1] for w in ATTENTION_WORDS)]
 
 
 class LoRALinear(nn.Module):
@@ -44,11 +58,12 @@ class LoRALinear(nn.Module):
 
 def inject_lora(root: nn.Module, *, rank: int = 8, alpha: float | None = None,
                 targets: tuple[str, ...] = DEFAULT_TARGETS, seed: int = 0) -> dict[str, LoRALinear]:
-    """Wrap every ``nn.Linear`` of ``root`` whose path ends with one of ``targets``; returns path -> LoRA."""
-    found = [(name, m) for name, m in root.named_modules()
-             if isinstance(m, nn.Linear) and any(name.endswith(t) for t in targets)]
+    """Wrap the attention ``nn.Linear`` layers of ``root`` (:func:`attention_linears`: those whose path ends
+    with one of ``targets``, else every Linear inside an attention module); returns path -> LoRA."""
+    names = set(attention_linears(root, targets))
+    found = [(name, m) for name, m in root.named_modules() if name in names]
     if not found:
-        raise ValueError(f"no Linear module matches the LoRA targets {targets}")
+        raise ValueError(f"no Linear module matches the LoRA targets {targets} and no attention module holds one")
     loras = {}
     for i, (name, m) in enumerate(found):
         parent_name, _, child = name.rpartition(".")
@@ -108,7 +123,9 @@ def train_lora(predict: Callable, loras: dict[str, LoRALinear], data: dict[str, 
     ``uncond_weight > 0`` each step also fits half a batch of the same states with the empty prompt (row
     ``-1``) to ``target_u``, weighted so: the unconditional branch stays the base model's. Resumable from
     ``state_path`` when it was saved with the same ``fingerprint`` (:func:`safecfg.finetune.lora_fingerprint`)."""
-    with torch.inference_mode(False), torch.enable_grad():
+    # a denoiser that adds in place to tensors autograd saved (ComfyUI's Flux blocks) trains too: such a
+    # tensor is copied on mutation
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.allow_mutation_on_saved_tensors():
         return _train_lora(predict, loras, data, spec, progress, should_stop, state_path, save_every, fingerprint)
 
 

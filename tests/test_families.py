@@ -707,3 +707,38 @@ def test_learned_hgrs_of_both_kinds_drive_every_family(family):
                                          rf"\({cls}\))"):
         guidance_nodes.HGRSafeCFGPatch.execute(model=model_for(other), hgr=text, strength=1.0, start_percent=0.0,
                                                end_percent=1.0)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "hidream"])
+def test_safe_finetune_writes_a_lora_that_comfyui_applies_to_the_family(family, tmp_path):
+    """The unsupervised safe fine-tune on each flow-matching family (Flux: in-place blocks; Z-Image:
+    prompts of different token counts; Wan: video clips), driven by a 16-channel latent HGR: a LoRA on
+    the transformer's attention layers, every key of which ComfyUI's own LoRA loader maps onto the
+    model, and which changes its samples. (HiDream: no tiny text encoder, see the README.)"""
+    import comfy.sd
+    from safetensors.torch import load_file
+
+    from safecfg_pack.nodes.finetune_nodes import run_finetune
+    from safecfg_pack.safecfg import hgr_net
+    from safecfg_pack.safecfg.finetune import FinetuneSpec
+
+    m, clip, _ = tiny.tiny_family(family, 0)
+    torch.manual_seed(0)
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    hgr = hgr_net.LearnedHGR(net, latent_format=type(m.model.latent_format).__name__)
+    prompts = ["a red knife", "a cat", "a skull on a wooden table", "a blue house"]
+    out = tmp_path / f"{family}_safe_lora.safetensors"
+    spec = FinetuneSpec(rank=4, steps=8, batch=4, lr=1e-2, threshold=0.05, states_per_trajectory=2, traj_steps=3,
+                        cfg=3.0)
+    summary = run_finetune(m, clip, prompts, out, spec, redirector=hgr, image_size=64, state_dir=tmp_path / "state")
+    assert summary["samples"] > 0
+    sd = load_file(str(out))
+    downs = [k for k in sd if k.endswith(".lora_down.weight")]
+    assert downs and all(k.startswith("lora_unet_") for k in downs)
+    patched, _ = comfy.sd.load_lora_for_models(m, None, sd, 1.0, 0.0)
+    assert len(patched.patches) == len(downs)  # every LoRA module mapped onto a model weight
+    pos, neg, _ = conds(family)
+    shape = tiny.dit_latent_shape(family)
+    a, b = ksample(patched, pos, neg, shape, cfg=3.0), ksample(m, pos, neg, shape, cfg=3.0)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
