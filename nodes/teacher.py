@@ -62,13 +62,14 @@ class ComfyTeacher:
         return self._conds[text]
 
     def batch_cond(self, texts: list[str]) -> list:
-        """One conditioning whose batch rows are the given prompts (batched extras: pooled outputs, token
-        masks of equal length)."""
+        """One conditioning whose batch rows are the given prompts (every per-prompt tensor extra of one
+        shape batched too: pooled outputs, token masks, HiDream's Llama layers)."""
         parts = [self.cond(t)[0] for t in texts]
         extra = dict(parts[0][1])
-        for key in ("pooled_output", "attention_mask"):
+        for key in extra:  # per-prompt tensors (pooled outputs, token masks, HiDream's Llama layers) batched
             vals = [p[1].get(key) for p in parts]
-            if all(torch.is_tensor(v) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
+            if all(torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == 1 for v in vals) \
+                    and len({tuple(v.shape) for v in vals}) == 1:
                 extra[key] = torch.cat(vals)
         return [[cat_token_rows([p[0] for p in parts]), extra]]
 

@@ -594,14 +594,15 @@ def test_text_hgr_trains_on_z_image_prompts_of_different_lengths(tmp_path):
         add_rewriter(back, teacher.embed, data)
 
 
-@pytest.mark.parametrize("family", _has("sd3", "flux", "chroma", "qwen_image", "lumina2", "z_image"))
+@pytest.mark.parametrize("family", _has("sd3", "flux", "chroma", "qwen_image", "lumina2", "z_image", "hidream"))
 def test_harm_detector_on_image_families_with_their_16_channel_vaes(family):
     """The harm detector on flow-matching image families: images encoded by the family's 16-channel VAE
     (TAESD's 16-channel layout; for Qwen-Image, Wan's video VAE, each image a clip of one frame), scored
     by a 16-channel latent HGR without the prompt and by a text HGR of the sequence layout with it; a
     batch scores every image as it scores alone; a 4-channel VAE is refused naming both channel counts;
     a text HGR without the prompt is refused. (SD3, Chroma and Qwen-Image read Flux's tiny T5 + CLIP-L,
-    Lumina 2 Z-Image's Qwen3, of their widths: no tiny CLIP-G, Qwen2.5-VL or Gemma 2 is built.)"""
+    Lumina 2 Z-Image's Qwen3, of their widths: no tiny Qwen2.5-VL or Gemma 2 is built; HiDream its own
+    four, tiny.)"""
     from safecfg_pack.nodes import hgr_type
     from safecfg_pack.nodes.detect_nodes import run_detection
     from safecfg_pack.safecfg import hgr_net
@@ -709,12 +710,12 @@ def test_learned_hgrs_of_both_kinds_drive_every_family(family):
                                                end_percent=1.0)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "hidream"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_safe_finetune_writes_a_lora_that_comfyui_applies_to_the_family(family, tmp_path):
     """The unsupervised safe fine-tune on each flow-matching family (Flux: in-place blocks; Z-Image:
     prompts of different token counts; Wan: video clips), driven by a 16-channel latent HGR: a LoRA on
     the transformer's attention layers, every key of which ComfyUI's own LoRA loader maps onto the
-    model, and which changes its samples. (HiDream: no tiny text encoder, see the README.)"""
+    model, and which changes its samples."""
     import comfy.sd
     from safetensors.torch import load_file
 

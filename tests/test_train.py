@@ -137,7 +137,7 @@ def test_hgr_train_node_on_tiny_flux_both_kinds(tmp_path, run_prompt):
         hgr_file.load_hgr(out_dir / "flux_text.safetensors", family="SD3")
 
 
-@pytest.mark.parametrize("family", ["sd3", "chroma", "qwen_image", "lumina2", "z_image", "wan21"])
+@pytest.mark.parametrize("family", ["sd3", "chroma", "qwen_image", "lumina2", "z_image", "hidream", "wan21"])
 def test_hgr_train_node_trains_both_kinds_on_every_flow_matching_family(family, tmp_path, run_prompt):
     """HGRTrain, latent and text kind, on the tiny model of each flow-matching family (with its own text
     encoder where one is built tiny, else one of its widths standing in: see ``tiny_family``): each file

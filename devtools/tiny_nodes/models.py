@@ -404,12 +404,32 @@ def tiny_z_image_clip(seed: int = 0) -> comfy.sd.CLIP:
     return _clip(target, {"qwen3_4b_model_config": dict(TINY_QWEN3)}, seed)
 
 
+# HiDream's four text encoders (CLIP-L, CLIP-G, T5-XXL, Llama 3.1; ComfyUI's tokenizers) with tiny configs:
+# pooled 16 + 16 = 32 (DIT_FAMILIES["hidream"]'s text_emb_dim), T5 48 wide and Llama 40 wide with 2 layers
+# (its caption_channels and llama_layers)
+TINY_HIDREAM = {"clip_l_model_config": dict(TINY_SDXL_CLIP_L),
+                "clip_g_model_config": dict(TINY_SDXL_CLIP_G, projection_dim=16),
+                "t5xxl_model_config": dict(TINY_FLUX_T5, d_model=48, d_kv=12),
+                "llama_model_config": {"hidden_size": 40, "intermediate_size": 80, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128320}}
+
+
+def tiny_hidream_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """``comfy.sd.CLIP`` with ComfyUI's ``HiDreamTokenizer`` and ``hidream_clip()`` (tiny): cond
+    ``(B, 128, 48)`` (T5), ``pooled_output`` ``(B, 32)`` and ``conditioning_llama3`` ``(B, 2, 128, 40)``,
+    as ``tiny_dit("hidream")`` reads."""
+    import comfy.text_encoders.hidream as hidream_te
+
+    target = comfy.supported_models_base.ClipTarget(hidream_te.HiDreamTokenizer, hidream_te.hidream_clip())
+    return _clip(target, {k: dict(v) for k, v in TINY_HIDREAM.items()}, seed)
+
+
 #: the text encoder each flow-matching family's tiny stand-in uses: its own where a tiny one is built
-#: (Flux: T5 + CLIP-L; Z-Image: Qwen3), else one of the same width and pooled size (SD3: Flux's T5 +
-#: CLIP-L for its T5 + CLIP-L/G; Chroma: Flux's T5; Qwen-Image: Flux's T5 for Qwen2.5-VL; Lumina 2:
-#: Z-Image's Qwen3 for Gemma 2; Wan: Z-Image's Qwen3 for UMT5)
+#: (Flux: T5 + CLIP-L; Z-Image: Qwen3; HiDream: CLIP-L/G, T5, Llama), else one of the same width and
+#: pooled size (SD3: Flux's T5 + CLIP-L for its T5 + CLIP-L/G; Chroma: Flux's T5; Qwen-Image: Flux's
+#: T5 for Qwen2.5-VL; Lumina 2: Z-Image's Qwen3 for Gemma 2; Wan: Z-Image's Qwen3 for UMT5)
 FAMILY_TEXT = {"flux": "flux", "sd3": "flux", "chroma": "flux", "qwen_image": "flux", "z_image": "z_image",
-               "lumina2": "z_image", "wan21": "z_image"}
+               "lumina2": "z_image", "hidream": "hidream", "wan21": "z_image"}
 #: the families whose VAE is a video VAE (Wan's; Qwen-Image samples images with it)
 VIDEO_VAE_FAMILIES = ("qwen_image", "wan21")
 
@@ -428,7 +448,8 @@ def tiny_family(family: str, seed: int = 0):
     if family == "sdxl":
         return tiny_sdxl(seed), tiny_sdxl_clip(seed), tiny_vae(seed)
     if family in FAMILY_TEXT:
-        clip = tiny_flux_clip(seed) if FAMILY_TEXT[family] == "flux" else tiny_z_image_clip(seed)
+        clip = {"flux": tiny_flux_clip, "z_image": tiny_z_image_clip, "hidream": tiny_hidream_clip}[
+            FAMILY_TEXT[family]](seed)
         vae = tiny_video_vae(seed) if family in VIDEO_VAE_FAMILIES else tiny_vae(seed, latent_channels=16)
         return tiny_dit(family, seed), clip, vae
     raise ValueError(f"unknown tiny model family {family!r} (one of {', '.join(tiny_families())})")
