@@ -101,9 +101,12 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
     ms = model.get_model_object("model_sampling")
     sigmas = [float(ms.percent_to_sigma(p)) for p in level_percents(noise_levels)]
     clip_mode = is_video_clip(vae, model)
-    if int(getattr(vae, "latent_dim", 2)) == 3 and not clip_mode and model_family(model) not in IMAGES_ON_VIDEO_VAE:
-        raise ValueError(f"{node}: the VAE is a video VAE but the model ({model_family(model) or 'unknown'}) samples "
-                         "images. Connect the VAE of the same checkpoint.")
+    video_vae = int(getattr(vae, "latent_dim", 2)) == 3
+    video_model = int(getattr(model.model.latent_format, "latent_dimensions", 2)) == 3
+    if model_family(model) not in IMAGES_ON_VIDEO_VAE and video_vae != video_model:
+        raise ValueError(f"{node}: the VAE is {'a video' if video_vae else 'an image'} VAE but the model "
+                         f"({model_family(model) or 'unknown'}) samples {'video' if video_model else 'images'}. "
+                         "Connect the VAE of the same checkpoint.")
     zs = []
     if clip_mode:  # a video model: the IMAGE batch is the frames of one clip, encoded (and scored) whole
         with torch.no_grad():

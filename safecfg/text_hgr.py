@@ -100,7 +100,6 @@ class _TokenNet(nn.Module):
         self.out = nn.Linear(w, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-
         self.layout = config.layout
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
@@ -132,8 +131,9 @@ def on_positions(base: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
 
 
 class TextHGRNet(nn.Module):
-    """``(B, T, D)`` prompt embedding -> ``(B, T, D)`` unconditional embedding, ``T`` a multiple of
-    ``config.tokens``. ``empty``: the empty prompt's embedding, ``(tokens, D)``.
+    """``(B, T, D)`` prompt embedding -> ``(B, T, D)`` unconditional embedding: ``T`` a multiple of
+    ``config.tokens`` (the chunk layout) or any length (the sequence layout). ``empty``: the empty
+    prompt's embedding, ``(config.empty_length, D)``.
 
     With ``config.rewrite`` it also holds ``rewriter``, a second Transformer that rewrites the prompt's
     *own* embedding towards its safe rewrite's (``c + Delta_r(c)``, trained on embedding pairs), gated

@@ -673,6 +673,12 @@ def test_harm_detector_scores_a_wan_clip_whole_with_per_frame_scores():
     assert idx == ",".join(map(str, range(9))) and float(out.abs().max()) == 0.0
     calm = detect_nodes.run_detection(frames, m, clip, vae, h, None, 1e6, 1, 0, 8)
     assert not calm.flags.any() and torch.equal(calm.scores, det.scores)
+    with pytest.raises(ValueError, match=r"the VAE is an image VAE but the model \(WAN21_T2V\) samples video"):
+        detect_nodes.run_detection(frames, m, clip, tiny.tiny_vae(0, latent_channels=16), h, None, 0.5, 1, 0, 8)
+    with pytest.raises(ValueError, match=r"the VAE is a video VAE but the model \(Flux\) samples images"):
+        flux = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format="Flux"), name="f", latent_format="Flux",
+                                  latent_channels=16)
+        detect_nodes.run_detection(frames, model_for("flux"), tiny.tiny_flux_clip(0), vae, flux, None, 0.5, 1, 0, 8)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
