@@ -18,6 +18,9 @@ the median over rounds, each ratio the median of the rounds' ratios to plain CFG
   (``cfg1_plain``, one row a step): SafeCFG evaluates the negative too, one more row (target <= 1.05 x
   2). SD3.5 is not distilled; the cost of the extra row is the architecture's, which is what this
   measures.
+- ``cfg1_text_hgr``: the paper's HGR at cfg 1 through the KSampler patch, which needs two more rows
+  (``D(x, HGR(c))`` and the user's negative; :func:`safecfg.text_hgr.cfg1_prediction`): against the
+  same plain cfg-1 sampling (target <= 1.05 x 3).
 
 Peak memory (resident set size, sampled every 20 ms) beside each.
 
@@ -47,7 +50,7 @@ SD35_MEDIUM = {
     "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
 }
 TARGETS = {"learned_hgr": TARGET_HGR, "text_hgr": TARGET_HGR, "concept_1": TARGET_HGR * 3 / 2,
-           "cfg1_safecfg": TARGET_HGR * 2}
+           "cfg1_safecfg": TARGET_HGR * 2, "cfg1_text_hgr": TARGET_HGR * 3}
 
 
 def main(argv=None) -> int:
@@ -105,11 +108,16 @@ def main(argv=None) -> int:
     # at cfg 1 the measured SafeCFG is the latent HGR: the negative row only (the concept redirector adds
     # its concept rows on top, as at any cfg)
     handles["cfg1_safecfg"] = handles["learned_hgr"]
-    configs = ["plain_cfg", "learned_hgr", "text_hgr", "concept_1", "cfg1_plain", "cfg1_safecfg"]
+    handles["cfg1_text_hgr"] = handles["text_hgr"]
+    configs = ["plain_cfg", "learned_hgr", "text_hgr", "concept_1", "cfg1_plain", "cfg1_safecfg", "cfg1_text_hgr"]
     guiders = {}
     for name in configs:
-        g = (comfy.samplers.CFGGuider(mp) if name in ("plain_cfg", "cfg1_plain")
-             else sampling.SafeCFGGuider(mp, handles[name], 1.0, 0.0, 1.0))
+        if name == "cfg1_text_hgr":  # through the KSampler patch, as Flux users sample at cfg 1
+            g = comfy.samplers.CFGGuider(sampling.patch_model(mp, handles[name], 1.0, 0.0, 1.0))
+        elif name in ("plain_cfg", "cfg1_plain"):
+            g = comfy.samplers.CFGGuider(mp)
+        else:
+            g = sampling.SafeCFGGuider(mp, handles[name], 1.0, 0.0, 1.0)
         g.set_conds(positive, negative)
         g.set_cfg(1.0 if name.startswith("cfg1") else 5.0)
         guiders[name] = g

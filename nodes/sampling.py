@@ -17,6 +17,7 @@ HGR with a rewriter (``redirector.rewrites``) also rewrites the positive's embed
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 
 import comfy.patcher_extension
@@ -26,6 +27,7 @@ import torch
 from comfy.sampler_helpers import convert_cond
 
 from ..safecfg.redirect import blend
+from ..safecfg.text_hgr import cfg1_prediction
 from .hgr_type import HGRHandle
 
 log = logging.getLogger("SafeCFG")
@@ -152,10 +154,16 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
         if not self.window.active(timestep):
             return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, positive, self.cfg,
                                                     model_options=model_options, seed=seed)
-        if is_text(self.handle):  # the paper's form: the HGR's negative, then core CFG unchanged
+        if is_text(self.handle) and not is_cfg1(self.cfg):  # the paper's form: the HGR's negative, then core CFG
             return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds[TEXT_NEGATIVE_KEY],
                                                     self.conds[TEXT_POSITIVE_KEY], self.cfg,
                                                     model_options=model_options, seed=seed)
+        if is_text(self.handle):  # at cfg 1: D_c, D(x, HGR(c)) and the negative's in one batched call
+            pos, hgr_neg = self.conds[TEXT_POSITIVE_KEY], self.conds[TEXT_NEGATIVE_KEY]
+            d_c, d_h, d_n = _calc(self.inner_model, [pos, hgr_neg, negative], x, timestep, model_options)
+            cond_pred = cfg1_prediction(d_c, d_h, d_n, self.handle.redirector.train_cfg)
+            return comfy.samplers.cfg_function(self.inner_model, cond_pred, d_h, self.cfg, x, timestep,
+                                               model_options=model_options, cond=pos, uncond=hgr_neg)
         positive = self.conds.get(CONCEPT_POSITIVE_KEY, positive)
         n_concepts = len(self.handle.concept_rows())
         concepts = [self.conds.get(CONCEPT_KEY.format(i)) for i in range(n_concepts)]
@@ -282,17 +290,47 @@ def _rewritten_positive(handle: HGRHandle, entries: list, strength: float, state
     return out
 
 
+def is_cfg1(cfg) -> bool:
+    """ComfyUI's own test for cfg 1, where it skips the unconditional branch."""
+    return math.isclose(float(cfg), 1.0)
+
+
 def _patch_text(m, handle: HGRHandle, window: Window):
     """The text HGR as a model patch: a CALC_COND_BATCH wrapper that, inside the window, swaps the
     negative's text embedding for ``n + s * Delta(c)`` in the batched model call. ``Delta(c)`` is
     computed once per run and prompt (cached in the run's ``model_options``, which ComfyUI copies fresh
-    for every run)."""
+    for every run). At cfg 1 the sampler is asked to evaluate the negative too, and a pre-CFG hook
+    evaluates the user's own negative (one more row) and gives the cfg-1 form
+    (:func:`safecfg.text_hgr.cfg1_prediction`)."""
     key = f"safecfg_text_{uuid.uuid4().hex[:12]}"
     m.model_options[key] = {}
     rewrites = getattr(handle.redirector, "rewrites", False)
 
+    def pre_cfg(args):
+        out, conds, sigma = args["conds_out"], args["conds"], args["sigma"]
+        if (not is_cfg1(args["cond_scale"]) or len(out) < 2 or len(conds) < 2 or not conds[1]
+                or not window.active(sigma)):
+            return out
+        state = args["model_options"].setdefault(key, {})
+        state["cfg1"] = True  # from the next step on, the batched call evaluates the user's negative too
+        got = state.pop("plain_out", None)
+        if got is not None and got[0] is args["input"]:
+            d_n = got[1]
+        else:  # the first step (or another guider's call): the user's negative in a call of its own
+            state["plain_negative"] = True  # this call evaluates the user's negative as it is
+            try:
+                (d_n,) = comfy.samplers.calc_cond_batch(args["model"], [conds[1]], args["input"], sigma,
+                                                        args["model_options"])
+            finally:
+                state["plain_negative"] = False
+        return [cfg1_prediction(out[0], out[1], d_n, handle.redirector.train_cfg), out[1]] + list(out[2:])
+
+    m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)
+
     def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
         state = model_options.get(key)
+        if state is not None and state.get("plain_negative"):
+            return executor(model, conds, x_in, timestep, model_options)
         has_negative = len(conds) >= 2 and bool(conds[1])
         # at cfg 1 ComfyUI evaluates no negative (conds[1] is None): a rewriter still rewrites the positive
         if (state is None or not conds or not conds[0] or not (has_negative or rewrites)
@@ -316,6 +354,10 @@ def _patch_text(m, handle: HGRHandle, window: Window):
                 state[cache_key] = handle.redirector.uncond(c_read, window.strength, base=n.to(c.device),
                                                             rewritten=False)
             negs.append(_with_crossattn(entry, state[cache_key], like=poss[0]))
+        if state.get("cfg1") and len(conds) == 2:  # cfg 1: the user's negative as a third row of the same call
+            out = executor(model, [poss, negs, conds[1]], x_in, timestep, model_options)
+            state["plain_out"] = (x_in, out[2])
+            return out[:2]
         return executor(model, [poss, negs] + list(conds[2:]), x_in, timestep, model_options)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, calc_wrapper)

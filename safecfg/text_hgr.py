@@ -213,6 +213,18 @@ class TextHGR:
                              "encoder (HGRTrain trains one), or the concept redirector, which works with any model.")
 
     @property
+    def train_cfg(self) -> float:
+        """The guidance scale it was trained at (its teacher's cfg, from the file's training record; 5.0,
+        the trainer's default, when the record has none): the cfg-1 form (:func:`cfg1_prediction`)
+        reads it."""
+        try:
+            rec = json.loads(self.metadata.get("training") or "{}")
+            w = float(rec.get("cfg", 5.0)) if isinstance(rec, dict) else 5.0
+        except (ValueError, TypeError):
+            w = 5.0
+        return w if w > 1.0 else 5.0
+
+    @property
     def rewrites(self) -> bool:
         """Whether this HGR also rewrites the prompt's own embedding (``config.rewrite``)."""
         return bool(self.config.rewrite)
@@ -297,6 +309,16 @@ class TextHGR:
         e = self.net.empty_for(cond.float())
         d = self.net.delta(cond.float())
         return d.flatten(1).norm(dim=1) / (cond.float() - e).flatten(1).norm(dim=1).clamp_min(1e-6)
+
+
+def cfg1_prediction(d_c: torch.Tensor, d_hgr: torch.Tensor, d_n: torch.Tensor, train_cfg: float) -> torch.Tensor:
+    """The paper's HGR at cfg 1 (guidance-distilled models), where CFG's unconditional branch has no
+    weight: the HGR was trained so that ``D(x, HGR(c)) = D_n + w / (w - 1) * (D_c - D_s)`` at its training
+    scale ``w`` (``D_s``: the safe rewrite's prediction, ``D_n``: the empty or negative prompt's), so the
+    safe prediction it stands for is ``D_s = D_c - (w - 1) / w * (D(x, HGR(c)) - D_n)``. With the strength
+    already in ``HGR(c) = n + s * Delta(c)``, this is the cfg-1 output; ``d_hgr == d_n`` gives ``d_c``."""
+    w = float(train_cfg)
+    return d_c - (w - 1.0) / w * (d_hgr - d_n)
 
 
 class TextHGRScorer:

@@ -749,3 +749,46 @@ def test_safe_finetune_writes_a_lora_that_comfyui_applies_to_the_family(family, 
     shape = tiny.dit_latent_shape(family)
     a, b = ksample(patched, pos, neg, shape, cfg=3.0), ksample(m, pos, neg, shape, cfg=3.0)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_text_hgr_at_cfg_one_redirects_a_distilled_model():
+    """The paper's HGR at cfg 1 (Flux dev as sampled, guidance embed 3.5): the unconditional branch has
+    no weight there, so SafeCFG evaluates ``D(x, HGR(c))`` and the user's negative and gives the safe
+    prediction the HGR was trained to stand for, ``D_c - (w - 1) / w * (D(x, HGR(c)) - D_n)`` (``w`` its
+    training cfg, from the file's record), at every step (checked against a separate model call); 3 rows
+    a step, in one batched call from the second step on; the guider gives the same samples; strength 0
+    is core's cfg-1 sampling bit for bit."""
+    import json
+
+    from safecfg_pack.nodes import hgr_type
+
+    m = model_for("flux")
+    pos, neg, _ = conds("flux")
+    shape = tiny.dit_latent_shape("flux")
+    hgr = _random_text_hgr(neg[0][0][0], family="Flux")
+    hgr.metadata = {"training": json.dumps({"cfg": 4.0})}
+    assert hgr.train_cfg == 4.0
+    h = hgr_type.handle_for(hgr, "flux_text.safetensors")
+    u = hgr.uncond(pos[0][0])
+    checks = []
+
+    def post(args):
+        model, x, sigma = args["model"], args["input"], args["sigma"]
+        rows = [pos, [[u, dict(neg[0][1])]], neg]
+        enc = [comfy.samplers.encode_model_conds(model.extra_conds, comfy.sampler_helpers.convert_cond(c), x,
+                                                 x.device, "positive") for c in rows]
+        d_c, d_h, d_n = comfy.samplers.calc_cond_batch(model, enc, x, sigma, {})
+        checks.append(((args["denoised"] - (d_c - 0.75 * (d_h - d_n))).abs().max() / d_c.abs().max()).item())
+        return args["denoised"]
+
+    patched = sampling.patch_model(m, h, 1.0, 0.0, 1.0)
+    rows = count_rows(patched)
+    patched.set_model_sampler_post_cfg_function(post)
+    out = ksample(patched, pos, neg, shape, cfg=1.0)
+    assert len(checks) == STEPS and max(checks) < 1e-5, checks
+    assert rows == [2, 1] + [3] * (STEPS - 1), rows
+    ref = ksample(m, pos, neg, shape, cfg=1.0)
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-5)
+    g = safe(m, h, pos, neg, shape, cfg=1.0)
+    assert (g - out).abs().max() <= 1e-5 * out.abs().max()
+    assert torch.equal(ksample(sampling.patch_model(m, h, 0.0, 0.0, 1.0), pos, neg, shape, cfg=1.0), ref)
