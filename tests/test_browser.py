@@ -107,6 +107,13 @@ def check_pixels(page, server, outputs: dict) -> int:
 def test_workflow_runs_in_the_front_end(path, page_and_server, tmp_path_factory):
     page, server, renderer = page_and_server
     wf = json.loads(path.read_text())
+    family = ((wf.get("extra") or {}).get("safecfg") or {}).get("family")
+    if family:
+        from devtools.tiny_nodes import models as tiny
+
+        if family not in tiny.tiny_families():
+            pytest.skip(f"this ComfyUI cannot build the tiny {family} (0.3.52 has no TAEHV and no Z-Image "
+                        "encoder); make test's 0.3.75 runs it")
     assert "nodes" in wf and "links" in wf, "workflows/ holds UI-format workflows"
     shot = tmp_path_factory.mktemp("screens") / f"{path.stem}-{renderer}.png"
     res = browser.run_workflow(page, server, wf, path.stem, screenshot=shot)

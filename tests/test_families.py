@@ -18,6 +18,9 @@ from safecfg_pack.nodes.hgr_type import HGRHandle
 from safecfg_pack.safecfg.redirect import ConceptRedirector, concept_redirect
 
 FAMILIES = tiny.dit_families()  # those the running ComfyUI has: all 8 on 0.3.75 (tested below)
+#: the families whose tiny text encoder and VAE this ComfyUI can build too (0.3.52 has no Z-Image encoder
+#: and no TAEHV: Lumina 2, Qwen-Image and Wan lack a stand-in there)
+BUILT = [f for f in tiny.tiny_families() if f in FAMILIES]
 STEPS = 3
 
 
@@ -594,7 +597,8 @@ def test_text_hgr_trains_on_z_image_prompts_of_different_lengths(tmp_path):
         add_rewriter(back, teacher.embed, data)
 
 
-@pytest.mark.parametrize("family", _has("sd3", "flux", "chroma", "qwen_image", "lumina2", "z_image", "hidream"))
+@pytest.mark.parametrize("family", [f for f in ("sd3", "flux", "chroma", "qwen_image", "lumina2", "z_image", "hidream")
+                                    if f in BUILT])
 def test_harm_detector_on_image_families_with_their_16_channel_vaes(family):
     """The harm detector on flow-matching image families: images encoded by the family's 16-channel VAE
     (TAESD's 16-channel layout; for Qwen-Image, Wan's video VAE, each image a clip of one frame), scored
@@ -640,6 +644,8 @@ def test_harm_detector_on_image_families_with_their_16_channel_vaes(family):
         run_detection(images, m, clip, tiny.tiny_vae(0), latent, None, 0.5, 2, 0, 8)
 
 
+@pytest.mark.skipif("wan21" not in BUILT, reason="this ComfyUI has no TAEHV or no Z-Image encoder (0.3.52); "
+                                                 "make test's 0.3.75 has both")
 def test_harm_detector_scores_a_wan_clip_whole_with_per_frame_scores():
     """On a video model the detector reads the IMAGE batch as the frames of one clip: encoded whole by
     the video VAE (TAEHV's 16-channel layout, 9 frames -> 3 latent frames), scored as one clip, each
@@ -716,7 +722,7 @@ def test_learned_hgrs_of_both_kinds_drive_every_family(family):
                                                end_percent=1.0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", BUILT)
 def test_safe_finetune_writes_a_lora_that_comfyui_applies_to_the_family(family, tmp_path):
     """The unsupervised safe fine-tune on each flow-matching family (Flux: in-place blocks; Z-Image:
     prompts of different token counts; Wan: video clips), driven by a 16-channel latent HGR: a LoRA on

@@ -170,6 +170,9 @@ def test_hgr_train_node_on_tiny_wan_video_clips(tmp_path, run_prompt):
     from devtools.tiny_nodes import models as tiny
     from safecfg_pack.nodes import guidance_nodes, hgr_type
 
+    if "wan21" not in tiny.tiny_families():
+        pytest.skip("this ComfyUI has no TAEHV or no Z-Image encoder (0.3.52); make test's 0.3.75 has both")
+
     pairs = [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
              {"harmful": "a skull", "safe": "a ball", "category": "gore"}]
     g, _, out_dir = _train_graph(tmp_path, pairs, family="wan21", filename="wan_latent", fit_steps=10, frames=3)

@@ -434,9 +434,25 @@ FAMILY_TEXT = {"flux": "flux", "sd3": "flux", "chroma": "flux", "qwen_image": "f
 VIDEO_VAE_FAMILIES = ("qwen_image", "wan21")
 
 
+#: what each stand-in needs from ComfyUI beyond the family's model class (0.3.52 has neither TAEHV nor the
+#: Qwen3 encoder of Z-Image)
+_NEEDS = {"z_image": "comfy.text_encoders.z_image", "video_vae": "comfy.taesd.taehv"}
+
+
 def tiny_families() -> list[str]:
-    """Every family :func:`tiny_family` builds on the running ComfyUI."""
-    return ["sd15", "sdxl"] + [f for f in FAMILY_TEXT if f in dit_families()]
+    """Every family :func:`tiny_family` builds on the running ComfyUI: its model class, its text
+    encoder's and its VAE's modules all there."""
+    import importlib.util
+
+    def has(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    out = ["sd15", "sdxl"]
+    for f in FAMILY_TEXT:
+        needs = [_NEEDS.get(FAMILY_TEXT[f])] + ([_NEEDS["video_vae"]] if f in VIDEO_VAE_FAMILIES else [])
+        if f in dit_families() and all(has(m) for m in needs if m):
+            out.append(f)
+    return out
 
 
 def tiny_family(family: str, seed: int = 0):
