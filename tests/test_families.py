@@ -593,7 +593,8 @@ def test_text_hgr_trains_on_z_image_prompts_of_different_lengths(tmp_path):
         return float(torch.cat(total).mean())
 
     assert loss(back.net) < 0.9 * loss(TextHGRNet(back.config, back.net.empty))
-    with pytest.raises(ValueError, match=r"the text HGR's rewriter and on-policy rounds need one length"):
+    with pytest.raises(ValueError, match=r"the text HGR.s rewriter and on-policy rounds, and the safe fine-tune "
+                                         r"driven by a text HGR, need one length"):
         add_rewriter(back, teacher.embed, data)
 
 

@@ -157,7 +157,7 @@ def test_rewriter_rewrites_a_harmful_positive_and_leaves_a_clean_one_bit_for_bit
     ``c + Delta_r(c)`` and the unconditional ``n + s * Delta(c + Delta_r(c))`` (the guider equals core
     CFG with both, the patch and HGRTextNegative's two outputs into a stock KSampler equal the guider);
     a prompt below the gate keeps its positive bit for bit, so it samples exactly as the same HGR
-    without a rewriter."""
+    without a rewriter; at cfg 1 the HGR's cfg-1 form reads the rewritten prompt."""
     model, clip, _ = sd15
     clean_text, harm_text = (text_dir / "rewrite_prompts.txt").read_text().split("\n")[:2]
     h = load("text_rewrite.safetensors")
@@ -188,13 +188,35 @@ def test_rewriter_rewrites_a_harmful_positive_and_leaves_a_clean_one_bit_for_bit
     assert red.rewrite(clean[0][0]) is clean[0][0]
     plain_hgr = load("text_random.safetensors")
     assert torch.equal(ksample(safe_patch(model, h), clean, neg), ksample(safe_patch(model, plain_hgr), clean, neg))
-    # at cfg 1 (no negative evaluated) the rewrite still applies, in the patch and the guider
-    want1 = ksample(model, [[c + red.net.rewriter(c).detach(), dict(pos[0][1])]], neg, cfg=1.0)
-    got1 = ksample(safe_patch(model, h), pos, neg, cfg=1.0)
-    assert (got1 - want1).abs().max() <= 1e-5 * want1.abs().max()
-    assert (got1 - ksample(model, pos, neg, cfg=1.0)).abs().max() > 1e-3 * want1.abs().max()
+    # at cfg 1 the rewrite applies and so does the paper's HGR in its cfg-1 form, read on the rewritten
+    # prompt: D(c') - (w - 1) / w * (D(n + Delta(c')) - D(n)), w its training cfg (checked at every step
+    # against separate model calls), in the patch and the guider alike
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    c1 = c + red.net.rewriter(c).detach()
+    u1 = neg[0][0] + red.net.delta(c1).detach()
+    k = (red.train_cfg - 1.0) / red.train_cfg
+    errs = []
+
+    def post(args):
+        m, x, s = args["model"], args["input"], args["sigma"]
+        rows = [[[c1, dict(pos[0][1])]], [[u1, dict(neg[0][1])]], neg]
+        enc = [comfy.samplers.encode_model_conds(m.extra_conds, comfy.sampler_helpers.convert_cond(r), x, x.device,
+                                                 "positive") for r in rows]
+        d_c, d_h, d_n = comfy.samplers.calc_cond_batch(m, enc, x, s, {})
+        errs.append(float((args["denoised"] - (d_c - k * (d_h - d_n))).abs().max() / d_c.abs().max()))
+        return args["denoised"]
+
+    patched1 = safe_patch(model, h)
+    patched1.set_model_sampler_post_cfg_function(post)
+    got1 = ksample(patched1, pos, neg, cfg=1.0)
+    assert errs and max(errs) < 1e-5, errs
+    rewrite_only = ksample(model, [[c1, dict(pos[0][1])]], neg, cfg=1.0)
+    assert (got1 - rewrite_only).abs().max() > 1e-3 * rewrite_only.abs().max()
+    assert (got1 - ksample(model, pos, neg, cfg=1.0)).abs().max() > 1e-3 * rewrite_only.abs().max()
     g1 = sample_guider(safe_guider(model, pos, neg, h, cfg=1.0), model, latent())
-    assert (g1 - want1).abs().max() <= 1e-5 * want1.abs().max()
+    assert (g1 - got1).abs().max() <= 1e-5 * got1.abs().max()
     # strength 0 and an empty window: core CFG bit for bit, the rewrite included
     assert torch.equal(ksample(safe_patch(model, h, strength=0.0), pos, neg), ksample(model, pos, neg))
     assert torch.equal(sample_guider(safe_guider(model, pos, neg, h, start=0.5, end=0.5), model, latent()),
