@@ -145,7 +145,8 @@ def test_hgr_train_node_trains_both_kinds_on_every_flow_matching_family(family, 
     from devtools.tiny_nodes import models as tiny
 
     if family not in tiny.tiny_families():
-        pytest.skip(f"this ComfyUI has no {family} (make test's 0.3.75 has every family)")
+        pytest.skip(f"this ComfyUI cannot build the tiny {family}: no such model class, or no module its stand-in "
+                    "encoder or VAE needs (0.3.52); make test's 0.3.75 builds every family")
     cls = tiny.DIT_FAMILIES[family]["cls"]
     pairs = [{"harmful": "a red knife", "safe": "a red spoon", "category": "weapon"},
              {"harmful": "a skull on a table", "safe": "a ball", "category": "gore"}]
