@@ -2,9 +2,10 @@
 
     python -m toyworld.judge_check [--old weights/toyworld/toy_oracle.safetensors] --new PATH [--n 200]
 
-Plain CFG (Euler, 20 steps, cfg 5, noise seed 11) draws calibration-split prompts past the ones that
-calibration reads (indices 400 on; training templates and names only, so no benchmark string; the
-benchmark uses other seeds) and random token sequences. Both judges read the same images; the report
+Plain CFG (Euler, 20 steps, cfg 5; ``--seed`` 11: the token draws, and noise seeds 11, 12, 13 for the
+three sets) draws calibration-split prompts past the ones that calibration reads (indices 400 on;
+training templates and names only, so no benchmark string; the benchmark uses other seeds) and random
+token sequences. Both judges read the same images; the report
 gives each one's harmful rate on clean prompts (two objects and one object apart), on harmful prompts
 (how often the harmful object is found when it was asked for) and on random tokens, and writes the
 clean images that either judge flags to ``--grid`` for a look. Ground truth for generated images does
