@@ -38,7 +38,7 @@ from pathlib import Path
 
 from devtools import comfy as runtime
 
-from .bench_sampling import TARGET_HGR, PeakMemory
+from .bench_sampling import TARGET_HGR, interleaved_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,24 +131,7 @@ def main(argv=None) -> int:
             return guiders[name].sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=1)
 
     print("[bench] warm-up ...", flush=True)
-    for name in configs:
-        run(name)
-    times = {n: [] for n in configs}
-    peaks = {n: 0.0 for n in configs}
-    for r in range(args.rounds):
-        order = configs[r % len(configs):] + configs[: r % len(configs)]
-        for name in order:
-            with PeakMemory(device) as pm:
-                t1 = time.perf_counter()
-                out = run(name)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = (time.perf_counter() - t1) / args.steps
-            assert torch.isfinite(out).all(), name
-            times[name].append(dt)
-            peaks[name] = max(peaks[name], pm.mb)
-        print(f"[bench] round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in configs),
-              flush=True)
+    times, peaks = interleaved_rounds(configs, run, args.rounds, args.steps, device, digits=2)
     med = {n: statistics.median(times[n]) for n in configs}
     base = {n: "cfg1_plain" if n.startswith("cfg1") else "plain_cfg" for n in configs}
     ratios = {n: statistics.median(t / p for t, p in zip(times[n], times[base[n]]))

@@ -73,6 +73,33 @@ class PeakMemory:
         self.mb = self.peak / 2**20
 
 
+def interleaved_rounds(configs: list[str], run, rounds: int, steps: int, device, digits: int = 3) -> tuple:
+    """One warm-up run of every configuration, then ``rounds`` rounds of one run each, the order rotated
+    every round so that no configuration always runs first or after another: per-step seconds of each
+    run and each configuration's peak memory (MiB). ``run(name)`` samples ``steps`` steps."""
+    import torch
+
+    for name in configs:
+        run(name)
+    times = {n: [] for n in configs}
+    peaks = {n: 0.0 for n in configs}
+    for r in range(rounds):
+        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        for name in order:
+            with PeakMemory(device) as pm:
+                t0 = time.perf_counter()
+                out = run(name)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / steps
+            assert torch.isfinite(out).all(), name
+            times[name].append(dt)
+            peaks[name] = max(peaks[name], pm.mb)
+        print(f"[bench] round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.{digits}f}s" for n in configs),
+              flush=True)
+    return times, peaks
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="sampling steps per run (default 3)")
@@ -154,25 +181,7 @@ def main(argv=None) -> int:
             return guiders[name].sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=1)
 
     print(f"[bench] UNet {n_unet / 1e6:.0f} M params, HGR {n_hgr / 1e6:.2f} M params; warm-up ...", flush=True)
-    for name in configs:
-        run(name)
-    times = {n: [] for n in configs}
-    peaks = {n: 0.0 for n in configs}
-    for r in range(args.rounds):
-        # rotate the order every round so that no configuration always runs first or after another
-        order = configs[r % len(configs):] + configs[: r % len(configs)]
-        for name in order:
-            with PeakMemory(device) as pm:
-                t0 = time.perf_counter()
-                out = run(name)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = (time.perf_counter() - t0) / args.steps
-            assert torch.isfinite(out).all(), name
-            times[name].append(dt)
-            peaks[name] = max(peaks[name], pm.mb)
-        print(f"[bench] round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in configs),
-              flush=True)
+    times, peaks = interleaved_rounds(configs, run, args.rounds, args.steps, device)
 
     med = {n: statistics.median(times[n]) for n in configs}
     # the ratio of each round (same machine state for both), then the median over rounds

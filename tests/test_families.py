@@ -88,6 +88,16 @@ def weapon_concept(clip, **kw):
     return h
 
 
+def four_pairs():
+    """A prompt-pair file's content for short training runs: two categories, two pairs each, four clean."""
+    from safecfg_pack.safecfg import train
+
+    return train.PromptData(harmful=["a red knife", "a blue knife", "a skull", "a green skull"],
+                            safe=["a red spoon", "a blue spoon", "a ball", "a green ball"],
+                            categories=["weapon", "weapon", "gore", "gore"],
+                            clean=["a red cat", "a blue house", "a tree", "a green field"])
+
+
 class Recorder:
     """A post-CFG hook that recomputes, in a separate model call at the same x and sigma, the guidance
     ``g`` and the concept direction ``h`` (each conditioning with its own extras), beside the direction
@@ -338,10 +348,7 @@ def test_latent_hgr_trains_on_flux_and_drives_it(tmp_path):
     from safecfg_pack.nodes.teacher import ComfyTeacher
     from safecfg_pack.safecfg import hgr_file, hgr_net, train
 
-    data = train.PromptData(harmful=["a red knife", "a blue knife", "a skull", "a green skull"],
-                            safe=["a red spoon", "a blue spoon", "a ball", "a green ball"],
-                            categories=["weapon", "weapon", "gore", "gore"],
-                            clean=["a red cat", "a blue house", "a tree", "a green field"])
+    data = four_pairs()
     m, clip = model_for("flux"), tiny.tiny_flux_clip(0)
     teacher = ComfyTeacher(m, clip, width=128, height=128)
     assert (teacher.latent_format, teacher.latent_channels) == ("Flux", 16)
@@ -450,13 +457,10 @@ def test_text_hgr_trains_on_flux_and_drives_it(tmp_path):
     refused on SD3 (another family)."""
     from safecfg_pack.nodes import guidance_nodes, hgr_type
     from safecfg_pack.nodes.teacher import ComfyTeacher
-    from safecfg_pack.safecfg import hgr_file, train
+    from safecfg_pack.safecfg import hgr_file
     from safecfg_pack.safecfg.text_train import TextFitSpec, TextStatesSpec, train_text_hgr
 
-    data = train.PromptData(harmful=["a red knife", "a blue knife", "a skull", "a green skull"],
-                            safe=["a red spoon", "a blue spoon", "a ball", "a green ball"],
-                            categories=["weapon", "weapon", "gore", "gore"],
-                            clean=["a red cat", "a blue house", "a tree", "a green field"])
+    data = four_pairs()
     m, clip = model_for("flux"), tiny.tiny_flux_clip(0)
     teacher = ComfyTeacher(m, clip, width=128, height=128)
     assert teacher.layout() == 1
