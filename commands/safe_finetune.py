@@ -10,10 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_device_args, add_model_args, load_model, progress_bars, start
+from .common import add_device_args, add_model_args, check_model_args, load_model, progress_bars, start
 
 
-def main(argv=None) -> int:
+def main(argv=None, models=None) -> int:
+    """The command line; ``models``: a (MODEL, CLIP, base model name) triple that a host which runs
+    ComfyUI in this process has loaded itself, in place of a model option."""
     ap = argparse.ArgumentParser(description="Unsupervised safe fine-tuning: an HED-scored LoRA.")
     add_model_args(ap)
     ap.add_argument("--hgr", default=None, help="learned HGR file, latent or text (default for --toy: the bundled toy "
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
                                                   "--toy, else next to --out)")
     add_device_args(ap)
     args = ap.parse_args(argv)
+    check_model_args(ap, args, loaded=models is not None)
 
     repo = start(args)
     from safecfg_pack.nodes.finetune_nodes import run_finetune, unlabeled_prompts
@@ -50,9 +53,10 @@ def main(argv=None) -> int:
     from safecfg_pack.safecfg.hgr_file import load_hgr
     from safecfg_pack.safecfg.prompts import PromptData
 
-    if args.checkpoint and (not args.prompts or (not args.hgr and not args.supervised)):
-        raise SystemExit("--prompts and --hgr are required with --checkpoint")
-    mp, clip, base = load_model(args)
+    if not args.toy and (not args.prompts or (not args.hgr and not args.supervised)):
+        raise SystemExit("--prompts and --hgr (or --supervised with --labels) are required for a model other "
+                         "than --toy")
+    mp, clip, base = models if models is not None else load_model(args)
     if args.toy:
         pool_path = Path(args.prompts or repo / "data" / "toyworld_pool.txt")
         labels_path = Path(args.labels or repo / "data" / "toyworld_pool_labels.json")

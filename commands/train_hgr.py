@@ -1,5 +1,6 @@
 """``python -m commands.train_hgr --toy`` or ``--checkpoint model.safetensors``: train a learned HGR for
-a model, from a repository checkout (ComfyUI from the bootstrap or ``COMFYUI_DIR``).
+a model, from a repository checkout (ComfyUI from the bootstrap or ``COMFYUI_DIR``); ``--diffusion-model`` with
+``--text-encoder`` and ``--clip-type`` for the families whose files come apart (SD3.5, Flux, Wan, ...).
 
 The teacher cache is resumable (rerun the same command after an interruption) and can be split
 across processes with ``--shard``/``--num-shards``; the fit writes a validated ``.safetensors``.
@@ -16,10 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_device_args, add_model_args, load_model, progress_bars, start
+from .common import add_device_args, add_model_args, check_model_args, load_model, progress_bars, start
 
 
-def main(argv=None) -> int:
+def main(argv=None, models=None) -> int:
+    """The command line; ``models``: a (MODEL, CLIP, base model name) triple that a host which runs
+    ComfyUI in this process has loaded itself, in place of a model option."""
     ap = argparse.ArgumentParser(description="Train a Harmful Guidance Redirector (HGR) for a model.")
     add_model_args(ap)
     ap.add_argument("--data", default=None, help="prompt-pair JSON (default: data/toyworld_hgr.json for --toy)")
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     add_device_args(ap)
     args = ap.parse_args(argv)
+    check_model_args(ap, args, loaded=models is not None)
 
     repo = start(args)
     from safecfg_pack.nodes.teacher import ComfyTeacher
@@ -60,9 +64,9 @@ def main(argv=None) -> int:
     from safecfg_pack.safecfg.teacher_cache import CacheSpec, build_cache
     from safecfg_pack.safecfg.train import FitSpec, train_hgr
 
-    if args.checkpoint and not args.data:
-        raise SystemExit("--data is required with --checkpoint (see data/ for the format)")
-    mp, clip, base = load_model(args)
+    if not args.toy and not args.data:
+        raise SystemExit("--data is required for a model other than --toy (see data/ for the format)")
+    mp, clip, base = models if models is not None else load_model(args)
     data_path = args.data or repo / "data" / "toyworld_hgr.json"
     teacher = ComfyTeacher(mp, clip, width=args.size, height=args.size, frames=args.frames)
     data = PromptData.load(data_path)
@@ -80,13 +84,13 @@ def main(argv=None) -> int:
     _, summary = train_hgr(teacher, data, cache_dir, out, base_model=base, progress=progress, cache_spec=cache_spec,
                            fit_spec=FitSpec(steps=args.fit_steps, seed=args.seed),
                            config=HGRConfig(latent_channels=teacher.latent_channels, width=args.width or 64))
-    _stamp(args, mp, out)
+    _stamp(args, mp, out, base)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     print(f"wrote {out}")
     return 0
 
 
-def _stamp(args, mp, out: Path) -> None:
+def _stamp(args, mp, out: Path, base: str) -> None:
     """Record in the file the model it was trained for (the toy model's fingerprint is marked as such)."""
     from safecfg_pack.nodes.hgr_type import model_fingerprint
     from safecfg_pack.safecfg.hgr_file import stamp_trained_for
@@ -96,7 +100,7 @@ def _stamp(args, mp, out: Path) -> None:
 
         fp = toy_fingerprint(mp)
     else:
-        fp = model_fingerprint(mp, name=Path(args.checkpoint).name)
+        fp = model_fingerprint(mp, name=base)
     if fp:
         stamp_trained_for(out, fp)
 
@@ -136,7 +140,7 @@ def _train_text(args, teacher, mp, data, out: Path, base: str, cache_dir: Path, 
         save_hgr(out, hgr, base_model=base or (init.metadata.get("base_model", "") if init else ""),
                  training=summary, detection=detection)
         load_hgr(out)
-    _stamp(args, mp, out)
+    _stamp(args, mp, out, base)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     print(f"wrote {out}")
     return 0

@@ -215,6 +215,14 @@ def started() -> bool:
     return _state["comfy_dir"] is not None
 
 
+def settings() -> dict | None:
+    """The ``cpu`` and ``pytorch_attention`` this process started ComfyUI with (None before :func:`start`)."""
+    if _state["comfy_dir"] is None:
+        return None
+    cpu, attention = _state["settings"]
+    return {"cpu": cpu, "pytorch_attention": attention}
+
+
 def _require_started() -> None:
     if _state["comfy_dir"] is None or not _state["nodes_loaded"]:
         raise ComfyRuntimeError("ComfyUI is not started with its nodes: call devtools.comfy.start() first")

@@ -12,7 +12,7 @@ from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..safecfg.detect import ACTIONS, Detection, apply_action, detect, level_percents
 from ..safecfg.text_hgr import TextHGRScorer
-from .hgr_type import HGRHandle, HGRType, model_family
+from .hgr_type import IMAGES_ON_VIDEO_VAE, HGRHandle, HGRType, model_family
 from .sampling import text_negative
 
 CATEGORY = "SafeCFG"
@@ -61,10 +61,6 @@ def make_predict(mp, uncond: list, positive: list | None, concepts: list, n_imag
         return d_u, d_c, list(rest)
 
     return predict
-
-
-#: image families whose VAE is a video VAE (Qwen-Image uses Wan's): each image is encoded as a clip of one frame
-IMAGES_ON_VIDEO_VAE = ("QwenImage",)
 
 
 def is_video_clip(vae, model) -> bool:

@@ -47,6 +47,29 @@ def text_layout(model_patcher) -> int:
     return 0 if cfg.get("context_dim") is not None else 1
 
 
+#: families whose images go through a video VAE (Qwen-Image uses Wan 2.1's): scored as clips of one frame
+IMAGES_ON_VIDEO_VAE = ("QwenImage",)
+
+#: ComfyUI model configs that read another config's text encoder, output for output (a variant of the
+#: same denoiser family): a text HGR trained for the value applies to the key. Configs not listed are
+#: their own text family; Flux 2 (Mistral) and Z-Image (Qwen3), although ComfyUI derives their configs
+#: from Flux's and Lumina 2's, are not listed: their encoders differ.
+SAME_TEXT_ENCODER = {
+    "FluxSchnell": "Flux", "FluxInpaint": "Flux",
+    "SD15_instructpix2pix": "SD15",
+    "SDXL_instructpix2pix": "SDXL", "SSD1B": "SDXL", "Segmind_Vega": "SDXL", "KOALA_700M": "SDXL", "KOALA_1B": "SDXL",
+    "ChromaRadiance": "Chroma",
+    "WAN21_I2V": "WAN21_T2V", "WAN21_FunControl2V": "WAN21_T2V", "WAN21_Camera": "WAN21_T2V",
+    "WAN22_Camera": "WAN21_T2V", "WAN21_Vace": "WAN21_T2V", "WAN22_T2V": "WAN21_T2V",
+}
+
+
+def text_family(family: str) -> str:
+    """The text-encoder family of a ComfyUI model config name: the config whose text encoder it reads
+    (:data:`SAME_TEXT_ENCODER`), else the name itself. What a text HGR's family must match."""
+    return SAME_TEXT_ENCODER.get(family, family)
+
+
 def model_family(model_patcher) -> str:
     """The model's family as ComfyUI names its config (``SD15``, ``SDXL``, ``Flux``, ``WAN21_T2V``, ...):
     what a text HGR records as the family it was trained for."""
@@ -109,7 +132,7 @@ class HGRHandle:
                                  f"({self.text_family or 'its family'}) but the model's text conditioning is "
                                  f"{width} wide ({family or fam}). Load an HGR trained for this model family, train "
                                  "one with HGRTrain, or use HGRConceptRedirector, which works with any model.")
-            if self.text_family and family and self.text_family != family:
+            if self.text_family and family and text_family(self.text_family) != text_family(family):
                 # the same width is no proof of the same encoder (Flux, SD3 and Wan all read 4096-wide T5s)
                 raise ValueError(f"{node}: text HGR '{self.name}' was trained for {self.text_family} text embeddings "
                                  f"but the model connected is {family}. Load an HGR trained for {family}, train one "

@@ -26,8 +26,7 @@ class ComfyTeacher:
         #: video frames make k + 1); an image family on such latents (Qwen-Image) samples one frame
         self.latent_frames = 0
         if int(getattr(lf, "latent_dimensions", 2)) == 3:
-            from .detect_nodes import IMAGES_ON_VIDEO_VAE
-            from .hgr_type import model_family
+            from .hgr_type import IMAGES_ON_VIDEO_VAE, model_family
 
             self.latent_frames = 1 if model_family(model_patcher) in IMAGES_ON_VIDEO_VAE else max(1, int(frames))
         self.sampler, self.scheduler = sampler, scheduler

@@ -316,6 +316,40 @@ def test_learned_hgrs_for_another_family_are_refused_naming_both():
     assert patch(text_handle(width, "Flux")) is not None  # its own family passes the check
 
 
+def test_a_text_hgr_applies_to_variants_that_read_the_same_encoder():
+    """A text HGR trained for Flux applies to a Flux Schnell model (ComfyUI's FluxSchnell config: the same
+    T5 + CLIP-L), one for Wan 2.1 to Wan 2.2 (the same umt5); Z-Image's config derives from Lumina 2's
+    but its encoder (Qwen3) is not Lumina 2's (Gemma 2), so a Lumina 2 text HGR is refused there."""
+    import comfy.supported_models
+
+    from safecfg_pack.nodes import guidance_nodes, hgr_type
+    from safecfg_pack.safecfg.text_hgr import TextHGR, TextHGRConfig, TextHGRNet
+
+    assert issubclass(comfy.supported_models.FluxSchnell, comfy.supported_models.Flux)
+    spec = tiny.DIT_FAMILIES["flux"]
+    schnell_cfg = comfy.supported_models.FluxSchnell(dict(spec["unet"], guidance_embed=False))
+    schnell_cfg.set_inference_dtype(torch.float32, None)
+    schnell = tiny._patcher(schnell_cfg.get_model({}))
+    assert hgr_type.model_family(schnell) == "FluxSchnell"
+    assert hgr_type.text_family("FluxSchnell") == "Flux" and hgr_type.text_family("WAN22_T2V") == "WAN21_T2V"
+    assert hgr_type.text_family("ZImage") == "ZImage" and hgr_type.text_family("Flux2") == "Flux2"
+
+    def handle(family, w):
+        cfg = TextHGRConfig(embed_dim=w, tokens=8, width=16, layers=1, heads=2, layout=1)
+        return hgr_type.handle_for(TextHGR(TextHGRNet(cfg, torch.zeros(8, w)), family=family), f"{family}.safetensors")
+
+    def patch(m, h):
+        return guidance_nodes.HGRSafeCFGPatch.execute(model=m, hgr=h, strength=1.0, start_percent=0.0,
+                                                      end_percent=1.0)
+
+    assert patch(schnell, handle("Flux", spec["text_dim"])) is not None
+    with pytest.raises(ValueError, match=r"trained for SD3 text embeddings but the model connected is FluxSchnell"):
+        patch(schnell, handle("SD3", spec["text_dim"]))
+    if "z_image" in tiny.dit_families():
+        with pytest.raises(ValueError, match=r"trained for Lumina2 text embeddings but the model connected is ZImage"):
+            patch(model_for("z_image"), handle("Lumina2", tiny.DIT_FAMILIES["z_image"]["text_dim"]))
+
+
 def test_concept_node_on_flux_with_its_own_text_encoders():
     """The concept redirector node on a tiny Flux with ComfyUI's own Flux text encoders (T5 sequence of
     256 tokens, CLIP-L pooled vector): a replacement line adds its safe row; the text stage rewrites the
