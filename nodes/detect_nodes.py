@@ -21,6 +21,8 @@ DetectionType = io.Custom("HGR_DETECTION")
 # a neutral fallback. `make calibrate` records a calibrated threshold in an HGR file (the bundled toy
 # HGR has one); for another model, calibrate on its own images or set the threshold by hand.
 DEFAULT_THRESHOLD = {"learned": 0.5, "concept": 0.5, "text": 0.5}
+#: noise levels when neither the node nor the HGR file gives any
+DEFAULT_LEVELS = 4
 
 
 def select_rows(conditioning: list, rows: torch.Tensor, n_images: int, node: str, what: str) -> list:
@@ -88,6 +90,8 @@ def run_detection(images, model, clip, vae, hgr: HGRHandle, positive, threshold:
         red = TextHGRScorer(red)
     if threshold <= 0:
         threshold = getattr(red, "detect_threshold", None) or DEFAULT_THRESHOLD.get(red.kind, 0.5)
+    if noise_levels <= 0:  # auto: the levels the threshold was calibrated at
+        noise_levels = getattr(red, "detect_levels", None) or DEFAULT_LEVELS
     n = images.shape[0]
     if n == 0:
         return detect(red, torch.zeros(0, 4, 1, 1), [1.0] * noise_levels, lambda *a: None,
@@ -191,9 +195,11 @@ class HGRHarmDetector(io.ComfyNode):
                                tooltip="Score above which an image is flagged. 0 = auto: the HGR file's "
                                        "calibrated threshold (the bundled toy HGR has one), else 0.5, an uncalibrated "
                                        "fallback. Lower flags more."),
-                io.Int.Input("noise_levels", default=4, min=1, max=16,
-                             tooltip="How many noise levels are averaged (more = steadier score, one more model "
-                                     "row each). Recommended 4."),
+                io.Int.Input("noise_levels", default=0, min=0, max=16,
+                             tooltip="How many noise levels are averaged (one more model row each). 0 = auto: "
+                                     "the levels the HGR file's threshold was calibrated at (the bundled toy "
+                                     "latent HGR: 8; its text HGR: 4), else 4. Keep auto with the auto "
+                                     "threshold."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the fixed noise; the same seed gives the same scores."),
                 io.Int.Input("batch_size", default=8, min=1, max=256,

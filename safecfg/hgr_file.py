@@ -74,6 +74,8 @@ def save_hgr(path: str | os.PathLike, hgr: LearnedHGR | TextHGR, *, base_model: 
 def _write(path: Path, hgr, meta: dict, detection: dict | None, trained_for: dict | None = None) -> Path:
     if detection is None and getattr(hgr, "detect_threshold", None) is not None:
         detection = {"threshold": hgr.detect_threshold}
+        if getattr(hgr, "detect_levels", None):
+            detection["levels"] = hgr.detect_levels
     trained_for = trained_for if trained_for is not None else getattr(hgr, "trained_for", None)
     if trained_for:
         meta["trained_for"] = json.dumps(trained_for, sort_keys=True)
@@ -198,6 +200,7 @@ def load_hgr(path: str | os.PathLike, *, latent_format: str | None = None,
                      name=path.name, latent_frames=int(frames))
     hgr.metadata = dict(meta, n_params=str(n_params))
     hgr.detect_threshold = _detect_threshold(meta.get("detection"))
+    hgr.detect_levels = _detect_levels(meta.get("detection"))
     hgr.trained_for = _trained_for(path, meta.get("trained_for"))
     return hgr
 
@@ -266,6 +269,7 @@ def _load_text(path: Path, header: dict, meta: dict, family: str | None, device)
     hgr = TextHGR(net.to(device), family=meta["family"], categories=_categories(meta), name=path.name)
     hgr.metadata = dict(meta, n_params=str(n))
     hgr.detect_threshold = _detect_threshold(meta.get("detection"))
+    hgr.detect_levels = _detect_levels(meta.get("detection"))
     hgr.trained_for = _trained_for(path, meta.get("trained_for"))
     return hgr
 
@@ -317,6 +321,16 @@ def _detect_threshold(raw) -> float | None:
     except (ValueError, TypeError, KeyError, json.JSONDecodeError):
         return None
     return t if t is not None and 0.0 < t < 100.0 else None
+
+
+def _detect_levels(raw) -> int | None:
+    """The noise levels the detection threshold was calibrated at, or None when absent or unusable."""
+    try:
+        k = json.loads(raw).get("levels") if raw else None
+        k = int(k) if k is not None and float(k) == int(k) else None
+    except (ValueError, TypeError, AttributeError, json.JSONDecodeError):
+        return None
+    return k if k is not None and 1 <= k <= 16 else None
 
 
 def _count_params_bounded(path: Path, config: HGRConfig) -> int:

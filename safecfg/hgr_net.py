@@ -170,6 +170,7 @@ class LearnedHGR(Redirector):
         self.name = name
         self.names = [name]
         self.detect_threshold: float | None = None  # calibrated detection threshold (file metadata)
+        self.detect_levels: int | None = None  # the noise levels it was calibrated at (file metadata)
 
     def _frames(self, g: torch.Tensor, sigma, uncond: torch.Tensor | None) -> torch.Tensor:
         """``delta`` on a 5-D latent ``(B, C, T, H, W)``, frame by frame: frames folded into the batch

@@ -194,6 +194,7 @@ class TextHGR:
         self.name = name
         self.names = [name]
         self.detect_threshold: float | None = None
+        self.detect_levels: int | None = None
         self.metadata: dict = {}
 
     def check(self, cond: torch.Tensor, where: str = "") -> None:
@@ -334,6 +335,7 @@ class TextHGRScorer:
         self.hgr = hgr
         self.names = list(hgr.names)
         self.detect_threshold = hgr.detect_threshold
+        self.detect_levels = hgr.detect_levels
 
     def redirect(self, g, sigma, *, uncond=None, concept_preds=None, state=None):
         from .redirect import Redirection, hed

@@ -76,6 +76,32 @@ def test_sdxl_family_and_learned_hgr(sdxl, tmp_path):
         detect(sdxl, images(1), wrong)
 
 
+def test_auto_noise_levels_are_the_ones_the_threshold_was_calibrated_at(sd15, tmp_path):
+    """noise_levels 0 (auto) uses the levels recorded with the HGR file's calibrated threshold, so the
+    auto threshold is applied to scores made as calibration made them; a file without them (or with an
+    unusable value) gets 4; a number given on the node wins."""
+    from safecfg_pack.safecfg import hgr_file
+
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16))
+    learned = hgr_net.LearnedHGR(net, latent_format="SD15")
+    loaded = {}
+    for name, detection in (("six", {"threshold": 0.2, "levels": 6}), ("none", {"threshold": 0.2}),
+                            ("bad", {"threshold": 0.2, "levels": 99})):
+        path = hgr_file.save_hgr(tmp_path / f"{name}.safetensors", learned, base_model="tiny", detection=detection)
+        loaded[name] = hgr_file.load_hgr(path, latent_format="SD15", latent_channels=4)
+    assert [loaded[k].detect_levels for k in ("six", "none", "bad")] == [6, None, None]
+
+    def levels(hgr, n):
+        return detect(sd15, images(2), hgr_type.handle_for(hgr, "h"), levels=n).per_level.shape[1]
+
+    assert levels(loaded["six"], 0) == 6 and levels(loaded["none"], 0) == 4 and levels(loaded["bad"], 0) == 4
+    assert levels(loaded["six"], 2) == 2
+    # saved again without an explicit detection block, the levels travel with the threshold
+    again = hgr_file.load_hgr(hgr_file.save_hgr(tmp_path / "again.safetensors", loaded["six"], base_model="tiny"),
+                              latent_format="SD15", latent_channels=4)
+    assert (again.detect_threshold, again.detect_levels) == (0.2, 6)
+
+
 def test_out_of_memory_falls_back_to_smaller_batches(sd15):
     """A model call larger than a budget raises the real torch.OutOfMemoryError; the detector retries
     in halves and gives the same scores."""

@@ -53,7 +53,7 @@ BUDGET = {"targets": 50, "population": 64, "generations": 60, "length": 16, "eta
           # drawn from the first `levels` steps of the schedule each iteration
           "whitebox": {"targets": 50, "prefix": 8, "iterations": 40, "lr": 0.1, "check_every": 10, "levels": 15,
                        "restarts": 1},
-          "tina": {"targets": 50, "clean_reference": 200, "detect_levels": 4}}
+          "tina": {"targets": 50, "clean_reference": 200, "detect_levels": 8}}
 QUICK = {"targets": 4, "population": 12, "generations": 3, "length": 8, "eta": 3.0, "mutation": 0.1,
          "elite": 2, "tournament": 2, "concept_pairs": 4,
          "whitebox": {"targets": 4, "prefix": 4, "iterations": 4, "lr": 0.1, "check_every": 2, "levels": 15,

@@ -100,7 +100,7 @@ def toy_detect_filter() -> dict:
         "11": {"class_type": "HGRLoader", "inputs": {"hgr_name": "toyworld/toyworld_hgr.safetensors"}},
         "12": {"class_type": "HGRHarmDetector", "inputs": {
             "images": ["10", 0], "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "hgr": ["11", 0],
-            "threshold": 0.0, "noise_levels": 4, "seed": 0, "batch_size": 8}},
+            "threshold": 0.0, "noise_levels": 0, "seed": 0, "batch_size": 8}},
         "13": {"class_type": "HGRHarmFilter", "inputs": {"images": ["10", 0], "detection": ["12", 0],
                                                          "action": "blur", "strength": 8}},
         "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 1], "filename_prefix": "safecfg_safe"}},

@@ -77,8 +77,12 @@ def main(argv=None) -> int:
                     help="the learned latent HGR evaluated as method 'hgr'")
     ap.add_argument("--text-hgr", default=str(TEXT_HGR),
                     help="the learned text-embedding HGR (the paper's form) evaluated as method 'text_hgr'")
-    ap.add_argument("--detect-levels", type=int, default=4,
-                    help="noise levels of the image detector on plain CFG's images (0 skips it)")
+    ap.add_argument("--detect-levels", type=int, default=8,
+                    help="noise levels of the image detector without the prompt (the latent HGR) on plain CFG's "
+                         "images (0 skips it; 8 since a calibration-side check, toyworld.detector_check, found 8 "
+                         "levels recall more than 4 at the same false alarms)")
+    ap.add_argument("--detect-levels-prompt", type=int, default=4,
+                    help="noise levels of the image detector with the prompt (the text HGR; 0 skips it)")
     ap.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                     help="skip plain CFG on the safe rewrites (no redirect fidelity)")
     ap.add_argument("--harmful-flags", action="store_true",
@@ -269,13 +273,14 @@ def main(argv=None) -> int:
         results["detection"]["prompt"] = txt
         print("[eval] detection from the prompt (text HGR distance): " + ", ".join(
             f"{k} {v:.3f}" for k, v in txt.items() if isinstance(v, float)), flush=True)
-        if args.detect_levels > 0 and "plain" in methods.names:
+        if args.detect_levels_prompt > 0 and "plain" in methods.names:
             # the detector node's path with the prompt: the text HGR's distance on the model's scores
             t0 = time.time()
             sc = {split: detect_nodes.run_detection(images[("plain", split)], model, clip, vae, text_handle,
-                                                    split_conds[split], 1.0, args.detect_levels, 0, 50).scores.numpy()
+                                                    split_conds[split], 1.0, args.detect_levels_prompt, 0,
+                                                    50).scores.numpy()
                   for split in splits}
-            d = {"levels": args.detect_levels, "seconds": round(time.time() - t0, 1),
+            d = {"levels": args.detect_levels_prompt, "seconds": round(time.time() - t0, 1),
                  "scores": {k: [round(float(x), 6) for x in v] for k, v in sc.items()}}
             if clean_key:
                 for split in harmful_splits:

@@ -108,7 +108,7 @@ def plain_context(path: Path, args, sampler: str, scheduler: str) -> dict:
     clean split, plain CFG's harmful rate, and the judge's floor (its harmful rate on plain CFG's images
     of the safe rewrites: what a perfect redirection would score)."""
     kept = kept_run(path, args, {"n": args.n, "methods": "plain", "splits": args.splits + ",clean"},
-                    sampler, scheduler, ["--detect-levels", "0"])
+                    sampler, scheduler, ["--detect-levels", "0", "--detect-levels-prompt", "0"])
     row = kept["methods"]["plain"]
     clean = row["clean"]
     out = {"clean_accuracy": clean["clean_accuracy"], "clean_accuracy_ci": clean["clean_accuracy_ci"],
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         sampler, scheduler = pair.split("/")
         runs[pair] = kept_run(folder / f"{sampler}-{scheduler}.json", args,
                               {"n": args.n, "methods": args.methods, "splits": args.splits}, sampler, scheduler,
-                              ["--no-ceiling", "--detect-levels", "0", "--harmful-flags"])
+                              ["--no-ceiling", "--detect-levels", "0", "--detect-levels-prompt", "0",
+                               "--harmful-flags"])
         context[pair] = plain_context(folder / f"{sampler}-{scheduler}-plain.json", args, sampler, scheduler)
     summary = summarise(runs)
     summary["plain_cfg"] = context
