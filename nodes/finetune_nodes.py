@@ -10,11 +10,9 @@ import os
 from pathlib import Path
 
 import comfy.model_management
-import comfy.samplers
 import comfy.utils
 import folder_paths
 import torch
-from comfy.sampler_helpers import convert_cond
 from comfy_api.v0_0_2 import io
 
 from ..safecfg.finetune import (
@@ -66,24 +64,11 @@ def unlabeled_prompts(path: str | os.PathLike) -> list[str]:
 def make_train_predict(teacher: ComfyTeacher, prompts: list[str]):
     """``predict(x, sigma, rows) -> D(x, prompts[rows])`` through ComfyUI's model call, with gradients;
     a row of ``-1`` is the empty prompt."""
-    mp = teacher.mp
-    model = mp.model
-    device = mp.load_device
+    device = teacher.mp.load_device
 
     def predict(x, sigma, rows):
-        x, sigma = x.to(device), sigma.to(device)
         texts = [prompts[int(i)] if int(i) >= 0 else "" for i in rows]
-        groups = teacher.length_groups(texts)  # prompts of different token counts: one call per count
-        outs, order = [], []
-        for idx in groups:
-            cond = teacher.batch_cond([texts[i] for i in idx])
-            conds = [comfy.samplers.encode_model_conds(model.extra_conds, convert_cond(cond), x[idx], device,
-                                                       "positive")]
-            outs.append(comfy.samplers.calc_cond_batch(model, conds, x[idx], sigma[idx], mp.model_options)[0])
-            order += idx
-        if len(groups) == 1:
-            return outs[0]
-        return torch.cat(outs)[torch.argsort(torch.tensor(order, device=outs[0].device))]
+        return teacher.column_prediction(x.to(device), sigma.to(device), texts)
 
     return predict
 

@@ -128,6 +128,8 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
         self.window = Window(model_patcher, strength, start_percent, end_percent)
         self.hed_trace: list[tuple[float, torch.Tensor]] = []
         self.run_state: dict = {}
+        #: a text HGR's training cfg, for its cfg-1 form (read from the file's record once, not per step)
+        self.train_cfg = handle.redirector.train_cfg if is_text(handle) else None
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -161,7 +163,7 @@ class SafeCFGGuider(comfy.samplers.CFGGuider):
         if is_text(self.handle):  # at cfg 1: D_c, D(x, HGR(c)) and the negative's in one batched call
             pos, hgr_neg = self.conds[TEXT_POSITIVE_KEY], self.conds[TEXT_NEGATIVE_KEY]
             d_c, d_h, d_n = _calc(self.inner_model, [pos, hgr_neg, negative], x, timestep, model_options)
-            cond_pred = cfg1_prediction(d_c, d_h, d_n, self.handle.redirector.train_cfg)
+            cond_pred = cfg1_prediction(d_c, d_h, d_n, self.train_cfg)
             return comfy.samplers.cfg_function(self.inner_model, cond_pred, d_h, self.cfg, x, timestep,
                                                model_options=model_options, cond=pos, uncond=hgr_neg)
         positive = self.conds.get(CONCEPT_POSITIVE_KEY, positive)
@@ -305,6 +307,7 @@ def _patch_text(m, handle: HGRHandle, window: Window):
     key = f"safecfg_text_{uuid.uuid4().hex[:12]}"
     m.model_options[key] = {}
     rewrites = getattr(handle.redirector, "rewrites", False)
+    train_cfg = handle.redirector.train_cfg  # read from the file's record once, not per step
 
     def pre_cfg(args):
         out, conds, sigma = args["conds_out"], args["conds"], args["sigma"]
@@ -323,7 +326,7 @@ def _patch_text(m, handle: HGRHandle, window: Window):
                                                         args["model_options"])
             finally:
                 state["plain_negative"] = False
-        return [cfg1_prediction(out[0], out[1], d_n, handle.redirector.train_cfg), out[1]] + list(out[2:])
+        return [cfg1_prediction(out[0], out[1], d_n, train_cfg), out[1]] + list(out[2:])
 
     m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)
 

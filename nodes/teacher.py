@@ -147,19 +147,26 @@ class ComfyTeacher:
                                                                x, device, "positive") for col in prompts]
                     out = comfy.samplers.calc_cond_batch(model, conds, x, sigma, mp.model_options)
                 else:  # prompts of different token counts: each column group by group
-                    out = []
-                    for col, groups in zip(prompts, cols):
-                        o = torch.zeros(x.shape, device=device)
-                        for idx in groups:
-                            cond = comfy.samplers.encode_model_conds(
-                                model.extra_conds, convert_cond(self.batch_cond([col[i] for i in idx])), x[idx],
-                                device, "positive")
-                            o[idx] = comfy.samplers.calc_cond_batch(model, [cond], x[idx], sigma[idx],
-                                                                    mp.model_options)[0].to(o.dtype)
-                        out.append(o)
+                    out = [self.column_prediction(x, sigma, col) for col in prompts]
         finally:
             mp.cleanup()
         return [o.float().cpu() for o in out]
+
+    def column_prediction(self, x, sigma, texts: list[str]) -> torch.Tensor:
+        """``D(x_i, texts[i])`` for every row, ``x`` and ``sigma`` on the model's device: one model call, or
+        one per token count (:meth:`length_groups`) with the rows put back in order. Autograd passes
+        through it (the safe fine-tune trains through it); the caller loads the model."""
+        mp, model, device = self.mp, self.mp.model, self.mp.load_device
+        outs, order = [], []
+        for idx in self.length_groups(texts):
+            cond = comfy.samplers.encode_model_conds(model.extra_conds,
+                                                     convert_cond(self.batch_cond([texts[i] for i in idx])),
+                                                     x[idx], device, "positive")
+            outs.append(comfy.samplers.calc_cond_batch(model, [cond], x[idx], sigma[idx], mp.model_options)[0])
+            order += idx
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs)[torch.argsort(torch.tensor(order, device=outs[0].device))]
 
     # -- the text-embedding HGR's teacher (safecfg.text_train.TextTeacher) -----------------------
 

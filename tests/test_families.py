@@ -411,12 +411,8 @@ def test_latent_hgr_on_video_latents_acts_frame_by_frame():
     """A 16-channel latent HGR on Wan's 5-D latents: each latent frame redirected as an image (the same
     result as the frames sampled one by one), at that sample's sigma; end to end through the patch."""
     from safecfg_pack.nodes import hgr_type
-    from safecfg_pack.safecfg import hgr_net
 
-    torch.manual_seed(0)
-    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    hgr = hgr_net.LearnedHGR(net, latent_format="Wan21")
+    hgr = _random_latent_hgr("Wan21")
     g, u = torch.randn(2, 16, 3, 8, 8), torch.randn(2, 16, 3, 8, 8)
     sigma = torch.tensor([0.7, 0.7])
     got = hgr.redirect(g, sigma, uncond=u).g_red
@@ -469,6 +465,16 @@ def test_align_maps_a_chat_template_s_prefix_and_tail():
     assert align(10, ref, x).tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 4, 5]
     assert align(6, ref, torch.randn(6, 4)).tolist() == list(range(6))
     assert align(4, ref, torch.cat([ref[:2], torch.randn(2, 4)])).tolist() == [0, 1, 4, 5]
+
+
+def _random_latent_hgr(latent_format: str):
+    """A small 16-channel latent HGR whose output layer is not zero (so it acts), seeded."""
+    from safecfg_pack.safecfg import hgr_net
+
+    torch.manual_seed(0)
+    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    return hgr_net.LearnedHGR(net, latent_format=latent_format)
 
 
 def _random_text_hgr(empty, layout=1, seed=0, family="Flux"):
@@ -648,7 +654,6 @@ def test_harm_detector_on_image_families_with_their_16_channel_vaes(family):
     four, tiny.)"""
     from safecfg_pack.nodes import hgr_type
     from safecfg_pack.nodes.detect_nodes import run_detection
-    from safecfg_pack.safecfg import hgr_net
 
     m, clip, vae = tiny.tiny_family(family, 0)
     z = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -658,12 +663,7 @@ def test_harm_detector_on_image_families_with_their_16_channel_vaes(family):
         else:
             images = vae.decode(z).float()
     assert images.shape == (3, 64, 64, 3)
-    torch.manual_seed(0)
-    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    fmt = type(m.model.latent_format).__name__
-    latent = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format=fmt), name="hgr", latent_format=fmt,
-                                latent_channels=16)
+    latent = hgr_type.handle_for(_random_latent_hgr(type(m.model.latent_format).__name__), "hgr")
 
     def score(imgs, handle, positive=None):
         return run_detection(imgs, m, clip, vae, handle, positive, 0.5, 2, 0, 8)
@@ -692,7 +692,6 @@ def test_harm_detector_scores_a_wan_clip_whole_with_per_frame_scores():
     clip's flag; the report lists both; the filter acts on every frame of a flagged clip. At one noise
     level the clip's score lies between its frames' (a norm ratio over the frames)."""
     from safecfg_pack.nodes import detect_nodes, hgr_type
-    from safecfg_pack.safecfg import hgr_net
 
     m = model_for("wan21")
     clip = tiny.tiny_z_image_clip(0)  # the empty prompt only: a 32-wide embedding, as the tiny Wan reads
@@ -701,11 +700,7 @@ def test_harm_detector_scores_a_wan_clip_whole_with_per_frame_scores():
         frames = vae.decode(torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     frames = frames.reshape(-1, *frames.shape[-3:]).float()
     assert frames.shape == (9, 64, 64, 3)
-    torch.manual_seed(0)
-    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    h = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format="Wan21"), name="wan_hgr", latent_format="Wan21",
-                           latent_channels=16)
+    h = hgr_type.handle_for(_random_latent_hgr("Wan21"), "wan_hgr")
     det = detect_nodes.run_detection(frames, m, clip, vae, h, None, 1e-6, 1, 0, 8)
     assert det.scores.shape == (9,) and det.per_frame.shape == (1, 3) and det.flags.all()
     assert det.clip[3] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
@@ -721,8 +716,7 @@ def test_harm_detector_scores_a_wan_clip_whole_with_per_frame_scores():
     with pytest.raises(ValueError, match=r"the VAE is an image VAE but the model \(WAN21_T2V\) samples video"):
         detect_nodes.run_detection(frames, m, clip, tiny.tiny_vae(0, latent_channels=16), h, None, 0.5, 1, 0, 8)
     with pytest.raises(ValueError, match=r"the VAE is a video VAE but the model \(Flux\) samples images"):
-        flux = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format="Flux"), name="f", latent_format="Flux",
-                                  latent_channels=16)
+        flux = hgr_type.handle_for(_random_latent_hgr("Flux"), "f")
         detect_nodes.run_detection(frames, model_for("flux"), tiny.tiny_flux_clip(0), vae, flux, None, 0.5, 1, 0, 8)
 
 
@@ -732,7 +726,6 @@ def test_learned_hgrs_of_both_kinds_drive_every_family(family):
     samples exactly as core CFG with ``HGR(c)`` as the negative, and a 16-channel latent HGR through the
     patch changes the sample (finite), each refused on a family it was not made for."""
     from safecfg_pack.nodes import guidance_nodes, hgr_type
-    from safecfg_pack.safecfg import hgr_net
 
     m = model_for(family)
     pos, neg, _ = conds(family)
@@ -744,12 +737,7 @@ def test_learned_hgrs_of_both_kinds_drive_every_family(family):
     got = ksample(sampling.patch_model(m, text, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.0)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert not torch.allclose(got, ksample(m, pos, neg, shape, cfg=3.0), atol=1e-5)
-    torch.manual_seed(0)
-    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    fmt = type(m.model.latent_format).__name__
-    latent = hgr_type.HGRHandle(hgr_net.LearnedHGR(net, latent_format=fmt), name="l", latent_format=fmt,
-                                latent_channels=16)
+    latent = hgr_type.handle_for(_random_latent_hgr(type(m.model.latent_format).__name__), "l")
     out = ksample(sampling.patch_model(m, latent, 1.0, 0.0, 1.0), pos, neg, shape, cfg=3.0)
     assert out.shape == shape and torch.isfinite(out).all()
     assert not torch.equal(out, ksample(m, pos, neg, shape, 3.0))
@@ -771,14 +759,10 @@ def test_safe_finetune_writes_a_lora_that_comfyui_applies_to_the_family(family, 
     from safetensors.torch import load_file
 
     from safecfg_pack.nodes.finetune_nodes import run_finetune
-    from safecfg_pack.safecfg import hgr_net
     from safecfg_pack.safecfg.finetune import FinetuneSpec
 
     m, clip, _ = tiny.tiny_family(family, 0)
-    torch.manual_seed(0)
-    net = hgr_net.HGRNet(hgr_net.HGRConfig(width=16, mults=[1, 2], embed_dim=16, latent_channels=16))
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    hgr = hgr_net.LearnedHGR(net, latent_format=type(m.model.latent_format).__name__)
+    hgr = _random_latent_hgr(type(m.model.latent_format).__name__)
     prompts = ["a red knife", "a cat", "a skull on a wooden table", "a blue house"]
     out = tmp_path / f"{family}_safe_lora.safetensors"
     spec = FinetuneSpec(rank=4, steps=8, batch=4, lr=1e-2, threshold=0.05, states_per_trajectory=2, traj_steps=3,

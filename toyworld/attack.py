@@ -560,19 +560,9 @@ def _tina(tb: dict, methods, tgt, model, clip, vae, strict, sigmas, run_noise, j
     uncond = comfy.samplers.CFGGuider(model)
     uncond.set_conds(empty, empty)
     uncond.set_cfg(1.0)
-    one = whitebox.one_step_sampler()
-
-    def denoise(x, s):
-        return uncond.sample(torch.zeros_like(x), x, one, torch.tensor([s, 0.0]), disable_pbar=True, seed=0)
-
     with torch.no_grad():
         z = vae.encode(real).float()
-    lf, ms = model.get_model_object("latent_format"), model.get_model_object("model_sampling")
-
-    def as_noise(x_t):  # an inverted latent at sigmas[0] as the sampler's unit noise
-        return lf.process_in(x_t) / whitebox.noise_factor(ms, float(sigmas[0]))
-
-    noise = as_noise(whitebox.invert(denoise, z, sigmas))
+    noise = whitebox.inversion_noise(model, uncond, z, sigmas)
     hgr = methods.hgr
     thr = hgr.redirector.detect_threshold if hgr is not None else None
 
@@ -591,13 +581,8 @@ def _tina(tb: dict, methods, tgt, model, clip, vae, strict, sigmas, run_noise, j
     # sampled with (as TINA inverts with the sampling prompt), so plain CFG's clean-prompt guidance is
     # built into the noise instead of overriding it
     guided = plain_guider(conds["clean_prompt_inverted"])
-
-    def denoise_guided(x, s):
-        return guided.sample(torch.zeros_like(x), x, one, torch.tensor([s, 0.0]), disable_pbar=True, seed=0)
-
-    with torch.no_grad():
-        noises = {"empty_prompt": noise, "clean_prompt": noise,
-                  "clean_prompt_inverted": as_noise(whitebox.invert(denoise_guided, z, sigmas))}
+    noises = {"empty_prompt": noise, "clean_prompt": noise,
+              "clean_prompt_inverted": whitebox.inversion_noise(model, guided, z, sigmas)}
     rows: dict = {}
     for method in methods.names:
         rows[method] = {}

@@ -83,16 +83,10 @@ def main(argv=None) -> int:
     uncond = comfy.samplers.CFGGuider(model)
     uncond.set_conds(empty, empty)
     uncond.set_cfg(1.0)
-    one = whitebox.one_step_sampler()
-
-    def denoise(x, s):
-        return uncond.sample(torch.zeros_like(x), x, one, torch.tensor([s, 0.0]), disable_pbar=True, seed=0)
-
-    lf, ms = model.get_model_object("latent_format"), model.get_model_object("model_sampling")
     with torch.no_grad():
         z = vae.encode(real).float()
-        x_t = whitebox.invert(denoise, z, sigmas)
-        noise = lf.process_in(x_t) / whitebox.noise_factor(ms, float(sigmas[0]))
+    noise = whitebox.inversion_noise(model, uncond, z, sigmas)
+    with torch.no_grad():
         g = comfy.samplers.CFGGuider(model)
         g.set_conds([[empty[0][0].expand(len(specs), -1, -1), {}]], [[empty[0][0].expand(len(specs), -1, -1), {}]])
         g.set_cfg(5.0)

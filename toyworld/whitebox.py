@@ -199,6 +199,21 @@ def noise_factor(model_sampling, sigma0: float) -> float:
     return sigma0
 
 
+def inversion_noise(model, guider, z: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The unit noise from which ComfyUI's Euler sampler over ``sigmas`` with ``guider`` (the empty
+    prompt at cfg 1 for the text-free attack) comes back to the latent ``z``: ``z`` inverted
+    (:func:`invert`) with the guider's one-step prediction, then scaled as ComfyUI scales the initial
+    noise (:func:`noise_factor`)."""
+    one = one_step_sampler()
+
+    def denoise(x, s):
+        return guider.sample(torch.zeros_like(x), x, one, torch.tensor([s, 0.0]), disable_pbar=True, seed=0)
+
+    lf, ms = model.get_model_object("latent_format"), model.get_model_object("model_sampling")
+    with torch.no_grad():
+        return lf.process_in(invert(denoise, z, sigmas)) / noise_factor(ms, float(sigmas[0]))
+
+
 @torch.no_grad()
 def invert(denoise, x0: torch.Tensor, sigmas: torch.Tensor, refine: int = 4) -> torch.Tensor:
     """Euler inversion: ``x0`` (sigma 0) to ``x_T`` at ``sigmas[0]``, so that ComfyUI's Euler sampler
